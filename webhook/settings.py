@@ -1,0 +1,261 @@
+"""Settings: parsed once from `PREWARM_*` environment variables, overridable by flags.
+
+Every setting has one entry in `FIELDS` (flag name, environment variable, default and
+help text); the CLI builds its argparse options from that table and the chart's values
+docs name the same variables, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+SERVICEACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+# Namespaces never learned, whatever their labels: the control plane's own and, added at
+# runtime, the namespace Prewarm runs in (it must not learn its own pods).
+ALWAYS_EXCLUDED_NAMESPACES = ("kube-system", "kube-node-lease")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `15m`, `12h` or `30d`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 12h, 30d)")
+    number, unit = float(match.group(1)), match.group(2) or "s"
+    return number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """A comma- or whitespace-separated list; empty items dropped."""
+    return tuple(item for item in re.split(r"[,\s]+", text.strip()) if item)
+
+
+def parse_json(text: str) -> Any:
+    return json.loads(text) if text.strip() else None
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # attribute on Settings; flag is --name-with-dashes, env PREWARM_NAME
+    default: str  # as it would be written in the environment
+    parse: Callable[[str], Any]
+    help: str
+    commands: tuple[str, ...] = ("serve", "reconcile", "render", "status")
+
+    @property
+    def env(self) -> str:
+        return "PREWARM_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+ALL = ("serve", "reconcile", "render", "status")
+SERVE = ("serve",)
+RECONCILE = ("reconcile", "render")
+
+FIELDS: tuple[Field, ...] = (
+    # -- where Prewarm keeps its state ---------------------------------------------------
+    Field("namespace", "", str, "namespace of learned-images, the DaemonSet and the Lease "
+          "(default: the pod's own namespace, else 'default')"),
+    Field("configmap", "learned-images", str, "name of the learned-images ConfigMap"),
+    Field("log_format", "text", str, "log format: text or json"),
+    Field("log_level", "INFO", str, "log level: DEBUG, INFO, WARNING, ERROR"),
+    # -- the observer -------------------------------------------------------------------
+    Field("port", "8443", int, "HTTPS port of the observer", SERVE),
+    Field("bind_address", "0.0.0.0", str, "address the observer listens on", SERVE),
+    Field("tls_cert_file", "", str, "serving certificate (PEM); re-read when it changes", SERVE),
+    Field("tls_key_file", "", str, "serving private key (PEM); re-read when it changes", SERVE),
+    Field("workers", "2", int, "gunicorn worker processes", SERVE),
+    Field("threads", "8", int, "threads per gunicorn worker (gthread)", SERVE),
+    Field("keepalive", "75", int, "seconds an idle keep-alive connection is held open; longer "
+          "than the API server's idle reuse so TLS connections are reused", SERVE),
+    Field("max_body_bytes", str(3 * 1024 * 1024), int, "largest AdmissionReview accepted; "
+          "etcd caps objects at 1.5 MiB and a review carries the object twice on UPDATE", SERVE),
+    Field("flush_interval", "1s", parse_duration, "how often buffered images are written", SERVE),
+    Field("buffer_max", "20000", int, "images a worker holds while the API server is "
+          "unreachable; beyond it new images are dropped and counted "
+          "(prewarm_images_dropped_total), and backfill re-learns them", SERVE),
+    Field("last_seen_refresh", "6h", parse_duration, "an already-known image's lastSeen is "
+          "rewritten at most this often (steady state makes no other writes)", ALL),
+    # -- the learned set (shared by every writer) ---------------------------------------
+    Field("max_images", "5000", int, "cap on images in learned-images", ALL),
+    Field("max_images_per_namespace", "500", int, "cap on images first learned from one "
+          "namespace", ALL),
+    Field("max_bytes", str(800 * 1024), int, "cap on the ConfigMap's data size; the API "
+          "server refuses objects over 1 MiB", ALL),
+    Field("image_ttl", "30d", parse_duration, "images not seen for this long expire", ALL),
+    Field("allow", "", parse_list, "if set, only images under these registries/repositories "
+          "are learned (comma-separated; matched on whole path segments, '*' matches one "
+          "segment), e.g. 'ghcr.io/acme,docker.io/library'", ALL),
+    Field("deny", "", parse_list, "images under these registries/repositories are never "
+          "learned (same syntax as --allow; deny wins)", ALL),
+    Field("exclude_namespaces", "", parse_list, "namespaces never learned, besides "
+          "kube-system, kube-node-lease and Prewarm's own", ALL),
+    # -- the reconciler -----------------------------------------------------------------
+    Field("daemonset", "prewarm-images", str, "name of the pre-pull DaemonSet (shards get "
+          "-<n>)", RECONCILE + ("status",)),
+    Field("shard_size", "100", int, "at most this many images per DaemonSet", RECONCILE),
+    Field("resync_period", "5m", parse_duration, "full reconcile + backfill period",
+          RECONCILE),
+    Field("backfill", "true", parse_bool, "learn images of running Pods in opted-in "
+          "namespaces on start and every resync", RECONCILE),
+    Field("failure_backoff", "30m", parse_duration, "a failing image is retried after this",
+          RECONCILE),
+    Field("lease_name", "prewarm-reconciler", str, "Lease used for leader election",
+          RECONCILE),
+    Field("lease_duration", "15s", parse_duration, "leader lease duration", RECONCILE),
+    Field("identity", "", str, "leader-election identity (default: hostname-pid)", RECONCILE),
+    Field("helper_image", "ghcr.io/prewarm/prewarm:latest", str, "Prewarm's own image; its "
+          "static no-op helper is copied into every pre-pull pod", RECONCILE),
+    Field("helper_path", "/usr/local/bin/prewarm-noop", str, "path of the no-op helper in "
+          "--helper-image", RECONCILE),
+    Field("pause_image", "registry.k8s.io/pause:3.10", str, "main container of the pre-pull "
+          "pods", RECONCILE),
+    Field("run_as_user", "65532", int, "numeric UID of every pre-pull container", RECONCILE),
+    Field("priority_class", "", str, "priorityClassName of the pre-pull pods", RECONCILE),
+    Field("node_selector", '{"kubernetes.io/os": "linux"}', parse_json, "nodeSelector of "
+          "the pre-pull pods (JSON object)", RECONCILE),
+    Field("tolerations", "", parse_json, "tolerations of the pre-pull pods (JSON list)",
+          RECONCILE),
+    Field("affinity", "", parse_json, "affinity of the pre-pull pods (JSON object)",
+          RECONCILE),
+    Field("image_pull_secrets", "", parse_list, "imagePullSecrets names for the pre-pull "
+          "pods (comma-separated, in Prewarm's namespace)", RECONCILE),
+    Field("max_unavailable", "10%", str, "rollingUpdate.maxUnavailable of the DaemonSet",
+          RECONCILE),
+    Field("health_port", "8081", int, "reconciler's /healthz and /metrics port (0: off)",
+          ("reconcile",)),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespace: str = "default"
+    configmap: str = "learned-images"
+    log_format: str = "text"
+    log_level: str = "INFO"
+    port: int = 8443
+    bind_address: str = "0.0.0.0"
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    workers: int = 2
+    threads: int = 8
+    keepalive: int = 75
+    max_body_bytes: int = 3 * 1024 * 1024
+    flush_interval: float = 1.0
+    buffer_max: int = 20000
+    last_seen_refresh: float = 6 * 3600.0
+    max_images: int = 5000
+    max_images_per_namespace: int = 500
+    max_bytes: int = 800 * 1024
+    image_ttl: float = 30 * 86400.0
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    exclude_namespaces: tuple[str, ...] = ()
+    daemonset: str = "prewarm-images"
+    shard_size: int = 100
+    resync_period: float = 300.0
+    backfill: bool = True
+    failure_backoff: float = 1800.0
+    lease_name: str = "prewarm-reconciler"
+    lease_duration: float = 15.0
+    identity: str = ""
+    helper_image: str = "ghcr.io/prewarm/prewarm:latest"
+    helper_path: str = "/usr/local/bin/prewarm-noop"
+    pause_image: str = "registry.k8s.io/pause:3.10"
+    run_as_user: int = 65532
+    priority_class: str = ""
+    node_selector: Any = field(default_factory=lambda: {"kubernetes.io/os": "linux"})
+    tolerations: Any = None
+    affinity: Any = None
+    image_pull_secrets: tuple[str, ...] = ()
+    max_unavailable: str = "10%"
+    health_port: int = 8081
+
+    @property
+    def excluded_namespaces(self) -> frozenset[str]:
+        """Namespaces whose objects are never learned (checked in code as well as by the
+        webhook's namespaceSelector, so a hand-edited configuration cannot undo it)."""
+        return frozenset(ALWAYS_EXCLUDED_NAMESPACES) | {self.namespace} | set(
+            self.exclude_namespaces)
+
+
+def default_namespace() -> str:
+    try:
+        with open(SERVICEACCOUNT_NAMESPACE_FILE, encoding="utf-8") as handle:
+            return handle.read().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Adds a flag for every setting used by `command`; help names the env variable."""
+    for spec in FIELDS:
+        if command not in spec.commands:
+            continue
+        parser.add_argument(
+            spec.flag, dest=spec.name, default=None, metavar=spec.env,
+            help=f"{spec.help} [env {spec.env}, default {spec.default!r}]")
+
+
+def load(args: argparse.Namespace | None = None,
+         environ: dict[str, str] | os._Environ[str] | None = None) -> Settings:
+    """Settings from flags (if given) over `PREWARM_*` environment over defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for spec in FIELDS:
+        raw = getattr(args, spec.name, None) if args is not None else None
+        source = spec.flag
+        if raw is None:
+            raw, source = environ.get(spec.env), spec.env
+        if raw is None:
+            continue
+        try:
+            values[spec.name] = spec.parse(str(raw))
+        except (ValueError, json.JSONDecodeError) as error:
+            raise SettingsError(f"{source}={raw!r}: {error}") from None
+    if not values.get("namespace"):
+        values["namespace"] = default_namespace()
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(settings: Settings) -> None:
+    if settings.log_format not in ("text", "json"):
+        raise SettingsError(f"PREWARM_LOG_FORMAT={settings.log_format!r}: use text or json")
+    for name in ("workers", "threads", "max_images", "max_images_per_namespace", "shard_size",
+                 "buffer_max", "max_bytes"):
+        if getattr(settings, name) < 1:
+            raise SettingsError(f"PREWARM_{name.upper()} must be at least 1")
+    if settings.node_selector is not None and not isinstance(settings.node_selector, dict):
+        raise SettingsError("PREWARM_NODE_SELECTOR must be a JSON object")
+    if settings.tolerations is not None and not isinstance(settings.tolerations, list):
+        raise SettingsError("PREWARM_TOLERATIONS must be a JSON list")
+    if settings.affinity is not None and not isinstance(settings.affinity, dict):
+        raise SettingsError("PREWARM_AFFINITY must be a JSON object")
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    return dataclasses.replace(settings, **changes)
