@@ -1,0 +1,156 @@
+"""The pure review function: which images a review yields, and which bodies are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from webhook import admission, images
+
+CONTAINERS = {"initContainers": [{"name": "init", "image": "busybox:1.36"}],
+              "containers": [{"name": "app", "image": "nginx"},
+                             {"name": "side", "image": "ghcr.io/acme/proxy:v2"}],
+              "ephemeralContainers": [{"name": "dbg", "image": "localhost:5000/debug"}]}
+EXPECTED = ("docker.io/library/busybox:1.36", "docker.io/library/nginx:latest",
+            "ghcr.io/acme/proxy:v2", "localhost:5000/debug:latest")
+
+
+def template(spec: dict) -> dict:
+    return {"spec": {"template": {"spec": spec}}}
+
+
+OBJECTS = {
+    ("", "Pod"): {"spec": CONTAINERS},
+    ("", "ReplicationController"): template(CONTAINERS),
+    ("apps", "Deployment"): template(CONTAINERS),
+    ("apps", "StatefulSet"): template(CONTAINERS),
+    ("apps", "DaemonSet"): template(CONTAINERS),
+    ("apps", "ReplicaSet"): template(CONTAINERS),
+    ("batch", "Job"): template(CONTAINERS),
+    ("batch", "CronJob"): {"spec": {"jobTemplate": template(CONTAINERS)}},
+}
+
+
+def make_review(group="", kind="Pod", obj=None, *, operation="CREATE", namespace="team-a",
+                dry_run=False, uid="3f1c") -> dict:
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": uid, "kind": {"group": group, "version": "v1", "kind": kind},
+                        "namespace": namespace, "operation": operation, "dryRun": dry_run,
+                        "object": copy.deepcopy(obj if obj is not None else OBJECTS[(group, kind)])}}
+
+
+@pytest.mark.parametrize("group,kind", list(OBJECTS), ids=[k for _, k in OBJECTS])
+def test_every_observed_kind_yields_all_container_images_normalized(group, kind):
+    outcome = admission.review(make_review(group, kind))
+    assert outcome.images == EXPECTED
+    assert outcome.response == {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                                "response": {"uid": "3f1c", "allowed": True}}
+
+
+def test_update_of_a_workload_is_observed():
+    outcome = admission.review(make_review("apps", "Deployment", operation="UPDATE"))
+    assert outcome.images == EXPECTED
+
+
+def test_dry_run_is_allowed_and_records_nothing():
+    outcome = admission.review(make_review(dry_run=True))
+    assert outcome.response["response"]["allowed"] is True
+    assert outcome.images == () and outcome.skipped == "dry-run"
+
+
+def test_excluded_namespace_records_nothing():
+    outcome = admission.review(make_review(namespace="prewarm"),
+                               excluded_namespaces=frozenset({"prewarm", "kube-system"}))
+    assert outcome.images == () and outcome.skipped == "excluded-namespace"
+
+
+def test_delete_is_allowed_without_looking_at_the_object():
+    outcome = admission.review(make_review(operation="DELETE", obj={}))
+    assert outcome.response["response"] == {"uid": "3f1c", "allowed": True}
+    assert outcome.images == ()
+
+
+def test_invalid_references_are_reported_not_recorded_and_do_not_block():
+    obj = {"spec": {"containers": [{"name": "a", "image": "Bad/UPPER:1"},
+                                   {"name": "b", "image": "nginx@sha256:abc"},
+                                   {"name": "c", "image": "redis:7"}]}}
+    outcome = admission.review(make_review(obj=obj))
+    assert outcome.response["response"]["allowed"] is True
+    assert outcome.images == ("docker.io/library/redis:7",)
+    assert [ref for ref, _ in outcome.rejected] == ["Bad/UPPER:1", "nginx@sha256:abc"]
+    assert all(reason for _, reason in outcome.rejected)
+
+
+def test_duplicate_spellings_of_one_image_are_one_record():
+    obj = {"spec": {"containers": [{"name": "a", "image": "nginx"},
+                                   {"name": "b", "image": "docker.io/library/nginx:latest"},
+                                   {"name": "c", "image": "index.docker.io/library/nginx"}]}}
+    assert admission.review(make_review(obj=obj)).images == ("docker.io/library/nginx:latest",)
+
+
+def test_deny_list_filters_images():
+    image_filter = images.ImageFilter(deny=["ghcr.io/acme"])
+    outcome = admission.review(make_review(), image_filter=image_filter)
+    assert "ghcr.io/acme/proxy:v2" not in outcome.images
+    assert [image for image, _ in outcome.filtered] == ["ghcr.io/acme/proxy:v2"]
+
+
+def test_template_without_image_is_skipped_not_refused():
+    obj = template({"containers": [{"name": "a"}, {"name": "b", "image": "nginx"}]})
+    outcome = admission.review(make_review("apps", "Deployment", obj))
+    assert outcome.images == ("docker.io/library/nginx:latest",)
+
+
+def _without(path: list[str]) -> dict:
+    review = make_review()
+    node = review
+    for step in path[:-1]:
+        node = node[step]
+    del node[path[-1]]
+    return review
+
+
+def _with(path: list[str], value) -> dict:
+    review = make_review()
+    node = review
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+    return review
+
+
+BAD = {
+    "not an object": [1, 2],
+    "string body": "AdmissionReview",
+    "null body": None,
+    "wrong kind": _with(["kind"], "Pod"),
+    "wrong apiVersion": _with(["apiVersion"], "admission.k8s.io/v1beta1"),
+    "no request": _without(["request"]),
+    "request is a list": _with(["request"], []),
+    "no uid": _without(["request", "uid"]),
+    "empty uid": _with(["request", "uid"], ""),
+    "numeric uid": _with(["request", "uid"], 42),
+    "no kind": _without(["request", "kind"]),
+    "kind is a string": _with(["request", "kind"], "Pod"),
+    "unknown kind": _with(["request", "kind"], {"group": "", "version": "v1", "kind": "Secret"}),
+    "group of wrong type": _with(["request", "kind"], {"group": 1, "version": "v1", "kind": "Pod"}),
+    "no operation": _without(["request", "operation"]),
+    "namespace not a string": _with(["request", "namespace"], ["a"]),
+    "dryRun not a bool": _with(["request", "dryRun"], "yes"),
+    "no object": _without(["request", "object"]),
+    "object is a list": _with(["request", "object"], []),
+    "pod without spec": _with(["request", "object"], {"metadata": {}}),
+    "containers not a list": _with(["request", "object"], {"spec": {"containers": {"a": 1}}}),
+    "container not an object": _with(["request", "object"], {"spec": {"containers": ["nginx"]}}),
+    "image not a string": _with(["request", "object"],
+                                {"spec": {"containers": [{"name": "a", "image": 7}]}}),
+    "deployment without template": make_review("apps", "Deployment", {"spec": {"replicas": 1}}),
+}
+
+
+@pytest.mark.parametrize("body", list(BAD.values()), ids=list(BAD))
+def test_malformed_reviews_raise_bad_review_with_a_message(body):
+    with pytest.raises(admission.BadReview) as caught:
+        admission.review(body)
+    assert str(caught.value)

@@ -1,0 +1,145 @@
+"""Merging observations into the learned set: caps, namespaces, lastSeen, expiry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from webhook.observer import ImageBuffer
+from webhook.settings import Settings
+from webhook.store import (MAX_NAMESPACES_PER_IMAGE, LearnedSet, Observation, Record,
+                           expire, merge, merge_patch, needs_write, parse_time, rfc3339)
+
+T0 = parse_time("2026-11-21T10:00:00Z")
+
+
+def seen(*namespaces: str, at: float = T0) -> Observation:
+    observation = Observation()
+    for namespace in namespaces or ("",):
+        observation.add(namespace, at)
+    return observation
+
+
+def test_new_images_are_recorded_with_readable_fields():
+    learned = LearnedSet()
+    result = merge(learned, {"docker.io/library/nginx:latest": seen("team-a")},
+                   source="admission", settings=Settings())
+    assert result.added == ["docker.io/library/nginx:latest"] and result.changed
+    (value,) = learned.encode().values()
+    assert json.loads(value) == {"image": "docker.io/library/nginx:latest",
+                                 "namespaces": ["team-a"], "firstSeen": "2026-11-21T10:00:00Z",
+                                 "lastSeen": "2026-11-21T10:00:00Z", "source": "admission",
+                                 "state": "pending"}
+
+
+def test_known_image_in_known_namespace_is_no_change():
+    learned = LearnedSet()
+    merge(learned, {"a.io/x:1": seen("ns")}, source="admission", settings=Settings())
+    again = merge(learned, {"a.io/x:1": seen("ns", at=T0 + 60)}, source="admission",
+                  settings=Settings())
+    assert not again.changed
+    assert learned.get("a.io/x:1").last_seen == "2026-11-21T10:00:00Z"
+
+
+def test_new_namespace_and_stale_last_seen_are_written():
+    settings = Settings(last_seen_refresh=3600)
+    learned = LearnedSet()
+    merge(learned, {"a.io/x:1": seen("ns1")}, source="admission", settings=settings)
+    assert merge(learned, {"a.io/x:1": seen("ns2", at=T0 + 10)}, source="admission",
+                 settings=settings).changed
+    assert learned.get("a.io/x:1").namespaces == ["ns1", "ns2"]
+    assert merge(learned, {"a.io/x:1": seen("ns1", at=T0 + 7200)}, source="admission",
+                 settings=settings).changed
+    assert learned.get("a.io/x:1").last_seen == rfc3339(T0 + 7200)
+
+
+def test_namespaces_per_image_are_capped():
+    learned = LearnedSet()
+    for index in range(MAX_NAMESPACES_PER_IMAGE + 5):
+        merge(learned, {"a.io/x:1": seen(f"ns{index:02d}")}, source="admission",
+              settings=Settings())
+    assert len(learned.get("a.io/x:1").namespaces) == MAX_NAMESPACES_PER_IMAGE
+    assert not needs_write(learned.get("a.io/x:1"), seen("another"), refresh=3600)
+
+
+def test_total_cap_refuses_and_reports():
+    learned = LearnedSet()
+    batch = {f"a.io/img{i}:1": seen("ns") for i in range(5)}
+    result = merge(learned, batch, source="admission", settings=Settings(max_images=3))
+    assert len(learned.records) == 3 and len(result.refused) == 2
+    assert all("max images" in reason for _, reason in result.refused)
+
+
+def test_per_namespace_cap_counts_the_namespace_that_introduced_the_image():
+    learned = LearnedSet()
+    settings = Settings(max_images_per_namespace=2)
+    result = merge(learned, {f"a.io/img{i}:1": seen("noisy") for i in range(4)} |
+                   {"a.io/quiet:1": seen("quiet")}, source="admission", settings=settings)
+    assert sorted(learned.by_image()) == sorted(result.added)
+    assert len(result.added) == 3 and "a.io/quiet:1" in result.added
+    assert all("noisy" in reason for _, reason in result.refused)
+
+
+def test_byte_cap_keeps_the_configmap_under_budget():
+    learned = LearnedSet()
+    settings = Settings(max_bytes=20_000)
+    result = merge(learned, {f"registry.example.com/team/app-{i}:v1": seen("ns")
+                             for i in range(500)}, source="admission", settings=settings)
+    assert learned.size() <= 20_000
+    assert result.refused and all("size cap" in reason for _, reason in result.refused)
+
+
+def test_default_caps_hold_4000_images_under_one_mebibyte():
+    learned = LearnedSet()
+    merge(learned, {f"registry.example.com/team{i % 8}/app-{i}:v1": seen(f"ns{i % 8}")
+                    for i in range(4000)}, source="admission",
+          settings=Settings(max_images_per_namespace=1000))
+    assert len(learned.records) == 4000
+    assert learned.size() < 1024 * 1024 - 100 * 1024
+
+
+def test_unparseable_values_are_kept_verbatim():
+    learned = LearnedSet.decode({"handedit": "not json", "abc": "{\"x\":1}"})
+    merge(learned, {"a.io/x:1": seen("ns")}, source="admission", settings=Settings())
+    data = learned.encode()
+    assert data["handedit"] == "not json" and data["abc"] == "{\"x\":1}"
+
+
+def test_expiry_removes_only_stale_non_static_images():
+    learned = LearnedSet()
+    merge(learned, {"a.io/old:1": seen("ns", at=T0), "a.io/new:1": seen("ns", at=T0 + 5000)},
+          source="admission", settings=Settings())
+    merge(learned, {"a.io/pinned:1": seen(at=T0)}, source="static", settings=Settings())
+    removed = expire(learned, now=T0 + 6000, ttl=3000)
+    assert removed == ["a.io/old:1"]
+    assert set(learned.by_image()) == {"a.io/new:1", "a.io/pinned:1"}
+
+
+def test_merge_patch_carries_only_changes_and_the_precondition():
+    patch = merge_patch({"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}, "77")
+    assert patch == {"metadata": {"resourceVersion": "77"}, "data": {"b": "3", "c": "4"}}
+    assert merge_patch({"a": "1"}, {}, "1")["data"] == {"a": None}
+
+
+def test_record_round_trip_keeps_reconciler_fields():
+    record = Record(image="a.io/x:1", namespaces=[], first_seen="x", last_seen="y",
+                    source="static", state="failing: ErrImagePull", extra={"retryAt": "z"})
+    assert Record.from_json(record.to_json()) == record
+
+
+def test_buffer_is_bounded_and_counts_drops():
+    buffer = ImageBuffer(limit=3)
+    assert buffer.add([f"a.io/{i}:1" for i in range(5)], "ns", T0) == 2
+    assert buffer.add(["a.io/0:1"], "other", T0 + 1) == 0  # known image: merged, not dropped
+    pending = buffer.drain()
+    assert len(pending) == 3 and pending["a.io/0:1"].namespaces == {"ns", "other"}
+    assert len(buffer) == 0
+    assert buffer.restore(pending) == 0 and len(buffer) == 3
+
+
+@pytest.mark.parametrize("bad", ["", "2026-11-21", "yesterday"])
+def test_unparseable_last_seen_counts_as_stale(bad):
+    record = Record(image="a.io/x:1", namespaces=["ns"], first_seen=bad, last_seen=bad,
+                    source="admission")
+    assert needs_write(record, seen("ns"), refresh=3600)

@@ -1,0 +1,192 @@
+"""AdmissionReview handling: a pure function from a decoded review body to a response.
+
+Two error channels, kept apart: a *bad request* (not a review we can answer: wrong shape,
+no uid, a kind we do not observe) raises `BadReview`, which the HTTP layer turns into
+400 with a JSON error, and which the API server treats under `failurePolicy: Ignore`; a
+well-formed review always gets `allowed: true`, because the observer only watches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+from webhook import images
+
+API_VERSION = "admission.k8s.io/v1"
+
+Operation = Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
+
+
+class GroupVersionKind(TypedDict):
+    group: str
+    version: str
+    kind: str
+
+
+class AdmissionRequest(TypedDict, total=False):
+    uid: str
+    kind: GroupVersionKind
+    namespace: str
+    operation: Operation
+    object: dict[str, Any]
+    dryRun: bool
+
+
+class AdmissionResponse(TypedDict, total=False):
+    uid: str
+    allowed: bool
+    warnings: list[str]
+
+
+class AdmissionReview(TypedDict, total=False):
+    apiVersion: str
+    kind: Literal["AdmissionReview"]
+    request: AdmissionRequest
+    response: AdmissionResponse
+
+
+class BadReview(ValueError):
+    """The body is not an AdmissionReview this webhook can answer (HTTP 400)."""
+
+
+# Where each observed kind keeps its pod spec. Keyed by kind rather than resource: with
+# matchPolicy Equivalent the API server converts the object to the version we registered,
+# and `request.kind` names that version's kind.
+POD_SPEC_PATHS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("", "Pod"): ("spec",),
+    ("", "ReplicationController"): ("spec", "template", "spec"),
+    ("apps", "Deployment"): ("spec", "template", "spec"),
+    ("apps", "StatefulSet"): ("spec", "template", "spec"),
+    ("apps", "DaemonSet"): ("spec", "template", "spec"),
+    ("apps", "ReplicaSet"): ("spec", "template", "spec"),
+    ("batch", "Job"): ("spec", "template", "spec"),
+    ("batch", "CronJob"): ("spec", "jobTemplate", "spec", "template", "spec"),
+}
+CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a review decided and what it saw (the HTTP layer records `images`)."""
+
+    response: AdmissionReview
+    kind: str = ""
+    namespace: str = ""
+    images: tuple[str, ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()  # (reference, reason)
+    skipped: str = ""  # why nothing was recorded: "dry-run", "excluded-namespace", ...
+    filtered: tuple[tuple[str, str], ...] = field(default=())  # (image, reason)
+
+
+def build_response(*, uid: str, warnings: list[str] | None = None) -> AdmissionReview:
+    response: AdmissionResponse = {"uid": uid, "allowed": True}
+    if warnings:
+        response["warnings"] = warnings
+    return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise BadReview(message)
+
+
+def parse_request(body: Any) -> AdmissionRequest:
+    """Validates the review envelope; returns its request or raises BadReview."""
+    _require(isinstance(body, dict), "body must be a JSON object (an AdmissionReview)")
+    _require(body.get("kind") == "AdmissionReview",
+             f"kind must be 'AdmissionReview', got {body.get('kind')!r}")
+    _require(body.get("apiVersion") == API_VERSION,
+             f"apiVersion must be {API_VERSION!r} (admissionReviewVersions: [v1]), "
+             f"got {body.get('apiVersion')!r}")
+    request = body.get("request")
+    _require(isinstance(request, dict), "review has no 'request' object")
+    uid = request.get("uid")
+    _require(isinstance(uid, str) and uid != "", "request.uid must be a non-empty string")
+    kind = request.get("kind")
+    _require(isinstance(kind, dict) and isinstance(kind.get("kind"), str),
+             "request.kind must be an object with a string 'kind'")
+    _require(isinstance(kind.get("group", ""), str), "request.kind.group must be a string")
+    _require(isinstance(request.get("namespace", ""), str),
+             "request.namespace must be a string")
+    _require(isinstance(request.get("dryRun", False), bool), "request.dryRun must be a boolean")
+    _require(isinstance(request.get("operation"), str), "request.operation must be a string")
+    return request  # type: ignore[return-value]
+
+
+def pod_spec(kind: GroupVersionKind, obj: Any) -> dict[str, Any]:
+    """The pod spec inside `obj`, found by kind; raises BadReview if it is not there."""
+    key = (kind.get("group", ""), kind["kind"])
+    path = POD_SPEC_PATHS.get(key)
+    if path is None:
+        group = f"{key[0]}/" if key[0] else ""
+        raise BadReview(f"kind {group}{key[1]} is not observed (Pods and pod-template "
+                        f"workloads only)")
+    _require(isinstance(obj, dict), "request.object must be an object")
+    node: Any = obj
+    walked = "object"
+    for step in path:
+        node = node.get(step) if isinstance(node, dict) else None
+        walked += "." + step
+        _require(isinstance(node, dict), f"request.{walked} must be an object")
+    return node
+
+
+def container_images(spec: dict[str, Any]) -> list[str]:
+    """Image strings of every container list, in order, without duplicates. An entry
+    without `image` is skipped (templates may leave it to later tooling)."""
+    seen: dict[str, None] = {}
+    for list_name in CONTAINER_LISTS:
+        containers = spec.get(list_name)
+        if containers is None:
+            continue
+        _require(isinstance(containers, list), f"spec.{list_name} must be a list")
+        for index, container in enumerate(containers):
+            _require(isinstance(container, dict), f"spec.{list_name}[{index}] must be an object")
+            image = container.get("image")
+            if image is None:
+                continue
+            _require(isinstance(image, str), f"spec.{list_name}[{index}].image must be a string")
+            seen.setdefault(image, None)
+    return list(seen)
+
+
+def review(body: Any, *, excluded_namespaces: frozenset[str] = frozenset(),
+           image_filter: images.ImageFilter | None = None) -> Outcome:
+    """Answers one AdmissionReview. Pure: no I/O, no clock; the caller records the
+    returned images. Raises BadReview for a body that is not an answerable review."""
+    request = parse_request(body)
+    uid, kind = request["uid"], request["kind"]
+    namespace = request.get("namespace", "")
+    response = build_response(uid=uid)
+    operation = request["operation"]
+    if operation not in ("CREATE", "UPDATE"):
+        return Outcome(response=response, kind=kind["kind"], namespace=namespace,
+                       skipped=f"operation {operation}")
+    spec = pod_spec(kind, request.get("object"))
+    found = container_images(spec)
+    if request.get("dryRun", False):
+        # sideEffects: NoneOnDryRun promises the API server that a dry run changes nothing
+        return Outcome(response=response, kind=kind["kind"], namespace=namespace,
+                       skipped="dry-run")
+    if not namespace or namespace in excluded_namespaces:
+        return Outcome(response=response, kind=kind["kind"], namespace=namespace,
+                       skipped="excluded-namespace")
+    accepted: list[str] = []
+    rejected: list[tuple[str, str]] = []
+    filtered: list[tuple[str, str]] = []
+    for raw in found:
+        try:
+            reference = images.parse(raw)
+        except images.InvalidReference as error:
+            rejected.append((raw, error.reason))
+            continue
+        reason = image_filter.check(reference) if image_filter is not None else None
+        if reason is not None:
+            filtered.append((str(reference), reason))
+            continue
+        normalized = str(reference)
+        if normalized not in accepted:
+            accepted.append(normalized)
+    return Outcome(response=response, kind=kind["kind"], namespace=namespace,
+                   images=tuple(accepted), rejected=tuple(rejected), filtered=tuple(filtered))

@@ -1,0 +1,25 @@
+"""Kubernetes API clients: from KUBECONFIG (or ~/.kube/config) when present, otherwise
+the in-cluster ServiceAccount."""
+
+from __future__ import annotations
+
+import os
+
+from kubernetes import client, config
+
+
+class KubeconfigError(RuntimeError):
+    pass
+
+
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    if kubeconfig or os.environ.get("KUBECONFIG") or os.path.exists(path):
+        if not os.path.exists(path.split(os.pathsep)[0]):
+            raise KubeconfigError(f"kubeconfig {path} does not exist")
+        return config.new_client_from_config(config_file=path)
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    raise KubeconfigError("no kubeconfig (set KUBECONFIG) and not running in a cluster")

@@ -1,0 +1,44 @@
+"""Prometheus metrics. Under gunicorn every worker is a process, so the observer runs
+prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `serve` before
+the workers start) and `/metrics` aggregates the workers' files at scrape time."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest, multiprocess)
+
+REVIEWS = Counter("prewarm_reviews_total", "AdmissionReviews answered, by result",
+                  ["kind", "result"])
+REVIEW_SECONDS = Histogram("prewarm_review_duration_seconds",
+                           "time to answer one review (body parsed to response built)",
+                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1))
+IMAGES_OBSERVED = Counter("prewarm_images_observed_total", "image references seen in reviews")
+IMAGES_REJECTED = Counter("prewarm_images_rejected_total",
+                          "invalid image references, never recorded", ["reason"])
+IMAGES_FILTERED = Counter("prewarm_images_filtered_total",
+                          "images left out by the allow/deny lists")
+IMAGES_REFUSED = Counter("prewarm_images_refused_total",
+                         "images not recorded because a cap of learned-images was reached")
+IMAGES_DROPPED = Counter("prewarm_images_dropped_total",
+                         "images dropped because the in-memory buffer was full while the "
+                         "API server was unreachable (backfill re-learns them)")
+IMAGES_LEARNED = Counter("prewarm_images_learned_total", "images added to learned-images",
+                         ["source"])
+API_WRITES = Counter("prewarm_api_writes_total", "writes to the Kubernetes API", ["component"])
+FLUSHES = Counter("prewarm_flushes_total", "flushes of the observer buffer", ["result"])
+BUFFERED = Gauge("prewarm_buffered_images", "images waiting to be written",
+                 multiprocess_mode="livesum")
+RECONCILES = Counter("prewarm_reconciles_total", "reconcile passes, by DaemonSet outcome",
+                     ["outcome"])
+
+
+def exposition() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

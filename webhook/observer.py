@@ -1,0 +1,189 @@
+"""The observer's write path: an in-memory buffer filled by the request threads, and a
+background flusher that merges it into learned-images.
+
+Nothing on the request path talks to the API server: a review only adds to the buffer
+(a dict under a lock). The flusher runs in each gunicorn worker (started after the fork,
+so no HTTP connection pool is shared between processes), wakes every flush interval,
+drops what the last read of the ConfigMap already records, and writes the rest with the
+store's conflict-safe read-modify-write. If the API server is unreachable, the batch goes
+back into the buffer and the next attempt waits with exponential backoff; the buffer is
+bounded and every image dropped past the bound is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Callable, Iterable
+
+from webhook import metrics
+from webhook.settings import Settings
+from webhook.store import (LearnedImagesStore, MergeResult, Observation, Snapshot,
+                           StoreUnavailable, merge, needs_write)
+
+logger = logging.getLogger(__name__)
+
+# A known image is skipped without any API call if the last read is this recent; an
+# image that an expiry (reconciler) removed in the meantime is re-added after this.
+SNAPSHOT_MAX_AGE = 30.0
+MAX_BACKOFF = 30.0
+
+
+class ImageBuffer:
+    """Thread-safe map of image -> Observation, bounded to `limit` distinct images."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._pending: dict[str, Observation] = {}
+
+    def add(self, images: Iterable[str], namespace: str, when: float) -> int:
+        """Records images; returns how many were dropped because the buffer was full."""
+        dropped = 0
+        with self._lock:
+            for image in images:
+                seen = self._pending.get(image)
+                if seen is None:
+                    if len(self._pending) >= self.limit:
+                        dropped += 1
+                        continue
+                    seen = self._pending[image] = Observation()
+                seen.add(namespace, when)
+        return dropped
+
+    def drain(self) -> dict[str, Observation]:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        return pending
+
+    def restore(self, pending: dict[str, Observation]) -> int:
+        """Puts an unwritten batch back (merging with what arrived meanwhile)."""
+        dropped = 0
+        with self._lock:
+            for image, seen in pending.items():
+                current = self._pending.get(image)
+                if current is not None:
+                    current.absorb(seen)
+                elif len(self._pending) < self.limit:
+                    self._pending[image] = seen
+                else:
+                    dropped += 1
+        return dropped
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+
+class Flusher:
+    def __init__(self, buffer: ImageBuffer, store_factory: Callable[[], LearnedImagesStore],
+                 settings: Settings, *, clock: Callable[[], float] = time.time):
+        self.buffer, self.settings, self.clock = buffer, settings, clock
+        self._store_factory = store_factory
+        self._store: LearnedImagesStore | None = None
+        self._snapshot: Snapshot | None = None
+        self._snapshot_at = 0.0
+        self._refused_until: dict[str, float] = {}
+        self._failures = 0
+        self._next_attempt = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str = ""
+
+    @property
+    def store(self) -> LearnedImagesStore:
+        if self._store is None:
+            self._store = self._store_factory()
+        return self._store
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="prewarm-flusher",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops the loop and makes a last attempt to write what is buffered."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if len(self.buffer):
+            self.flush(force=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.flush_interval):
+            try:
+                self.flush()
+            except Exception:  # the loop must survive anything; the batch was restored
+                logger.exception("unexpected error while flushing learned images")
+
+    def flush(self, *, force: bool = False) -> MergeResult | None:
+        """One attempt; returns the merge result when a write was needed and made."""
+        now = self.clock()
+        if not force and now < self._next_attempt:
+            return None
+        pending = self.buffer.drain()
+        metrics.BUFFERED.set(0)
+        if not pending:
+            return None
+        pending = self._drop_known(pending, now)
+        if not pending:
+            return None
+        result = MergeResult()
+
+        def apply(learned) -> bool:
+            nonlocal result
+            result = merge(learned, pending, source="admission", settings=self.settings)
+            return result.changed
+
+        try:
+            snapshot = self.store.update(apply)
+        except StoreUnavailable as error:
+            dropped = self.buffer.restore(pending)
+            metrics.BUFFERED.set(len(self.buffer))
+            if dropped:
+                metrics.IMAGES_DROPPED.inc(dropped)
+            self._failures += 1
+            delay = min(MAX_BACKOFF, self.settings.flush_interval * 2 ** self._failures)
+            self._next_attempt = now + delay * random.uniform(0.8, 1.2)
+            self.last_error = str(error)
+            metrics.FLUSHES.labels("error").inc()
+            logger.warning("could not write %d buffered images (attempt %d, next in %.1fs): %s",
+                           len(pending), self._failures, delay, error)
+            return None
+        if self._failures:
+            logger.info("learned-images reachable again after %d failed attempts",
+                        self._failures)
+        self._failures, self._next_attempt, self.last_error = 0, 0.0, ""
+        self._snapshot, self._snapshot_at = snapshot, now
+        metrics.FLUSHES.labels("written" if result.changed else "unchanged").inc()
+        if result.added:
+            metrics.IMAGES_LEARNED.labels("admission").inc(len(result.added))
+            logger.info("learned %d new images (%s%s)", len(result.added),
+                        ", ".join(result.added[:3]), ", ..." if len(result.added) > 3 else "")
+        if result.refused:
+            metrics.IMAGES_REFUSED.inc(len(result.refused))
+            for image, reason in result.refused:
+                self._refused_until[image] = now + SNAPSHOT_MAX_AGE
+            logger.warning("%d images not recorded: %s (first: %s)", len(result.refused),
+                           result.refused[0][1], result.refused[0][0])
+        return result
+
+    def _drop_known(self, pending: dict[str, Observation],
+                    now: float) -> dict[str, Observation]:
+        """Leaves out what needs no write: images the last read already records (with
+        these namespaces and a fresh lastSeen) and images a cap refused moments ago."""
+        fresh = self._snapshot is not None and now - self._snapshot_at < SNAPSHOT_MAX_AGE
+        if not fresh:
+            self._refused_until.clear()
+            return pending
+        learned = self._snapshot.learned
+        needed = {}
+        for image, seen in pending.items():
+            if self._refused_until.get(image, 0) > now:
+                continue
+            if needs_write(learned.get(image), seen, refresh=self.settings.last_seen_refresh):
+                needed[image] = seen
+        return needed

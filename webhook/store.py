@@ -1,0 +1,342 @@
+"""The learned set: ConfigMap `learned-images`, one data key per image.
+
+Each key is a short hash of the normalized reference (ConfigMap keys cannot hold `/` or
+`:`); each value is one compact JSON record that `kubectl get configmap learned-images
+-o yaml` shows on one line:
+
+    {"image":"docker.io/library/nginx:latest","namespaces":["team-a"],
+     "firstSeen":"2026-11-21T20:08:11Z","lastSeen":"2026-11-21T20:08:11Z",
+     "source":"admission","state":"pending"}
+
+Concurrency: every writer (webhook replicas x gunicorn workers x the reconciler) does a
+read-modify-write on `resourceVersion` and retries on 409 Conflict, re-applying its
+change to the fresh copy. We chose this over blind per-key merge patches because the
+caps (total images, per namespace, bytes) need one consistent view of the whole set, and
+because the `namespaces` of an image are a union: two writers blindly patching the same
+key would each overwrite the other's namespace. Retrying on the fresh object loses
+nothing; the cost is bounded because steady state (only known images) writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from webhook import images
+from webhook.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Source = Literal["admission", "backfill", "static", "configmap", "registry"]
+SOURCES: tuple[str, ...] = ("admission", "backfill", "static", "configmap", "registry")
+# An image is rarely used in many namespaces; past this we stop listing them so a
+# popular base image cannot grow its record without bound.
+MAX_NAMESPACES_PER_IMAGE = 20
+KEY_HASH_LENGTH = 16
+LABELS = {"app.kubernetes.io/name": "prewarm", "app.kubernetes.io/managed-by": "prewarm",
+          "app.kubernetes.io/component": "learned-images"}
+REQUEST_TIMEOUT = (3, 10)  # connect, read: a writer never hangs on a dead API server
+
+
+def rfc3339(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(int(timestamp), dt.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> float:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=dt.timezone.utc).timestamp()
+
+
+def key_for(image: str) -> str:
+    return images.short_hash(image, KEY_HASH_LENGTH)
+
+
+@dataclass
+class Record:
+    image: str
+    namespaces: list[str]
+    first_seen: str
+    last_seen: str
+    source: str
+    state: str = "pending"
+    extra: dict[str, Any] = field(default_factory=dict)  # reconciler fields, kept as-is
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = {"image": self.image, "namespaces": self.namespaces,
+                               "firstSeen": self.first_seen, "lastSeen": self.last_seen,
+                               "source": self.source, "state": self.state}
+        doc.update(self.extra)
+        return json.dumps(doc, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Record:
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):
+            raise ValueError("record is not a JSON object with an 'image'")
+        known = {"image", "namespaces", "firstSeen", "lastSeen", "source", "state"}
+        return cls(image=doc["image"], namespaces=list(doc.get("namespaces") or []),
+                   first_seen=str(doc.get("firstSeen", "")),
+                   last_seen=str(doc.get("lastSeen", "")),
+                   source=str(doc.get("source", "admission")),
+                   state=str(doc.get("state", "pending")),
+                   extra={k: v for k, v in doc.items() if k not in known})
+
+
+@dataclass
+class LearnedSet:
+    """The decoded ConfigMap data. Values we cannot parse (a hand edit gone wrong) are
+    kept verbatim in `unparsed` and written back untouched: nothing is dropped."""
+
+    records: dict[str, Record] = field(default_factory=dict)
+    unparsed: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def decode(cls, data: Mapping[str, str] | None) -> LearnedSet:
+        learned = cls()
+        for key, value in (data or {}).items():
+            try:
+                learned.records[key] = Record.from_json(value)
+            except (ValueError, TypeError) as error:
+                logger.warning("learned-images key %s is not a valid record (%s); kept as is",
+                               key, error)
+                learned.unparsed[key] = value
+        return learned
+
+    def encode(self) -> dict[str, str]:
+        data = dict(self.unparsed)
+        data.update((key, record.to_json()) for key, record in sorted(self.records.items()))
+        return data
+
+    def size(self) -> int:
+        return sum(len(k) + len(v) for k, v in self.unparsed.items()) + sum(
+            len(k) + len(r.to_json()) for k, r in self.records.items())
+
+    def get(self, image: str) -> Record | None:
+        return self.records.get(key_for(image))
+
+    def by_image(self) -> dict[str, Record]:
+        return {record.image: record for record in self.records.values()}
+
+
+@dataclass
+class Observation:
+    """Images seen, aggregated in memory before a flush."""
+
+    namespaces: set[str] = field(default_factory=set)
+    first: float = 0.0
+    last: float = 0.0
+
+    def add(self, namespace: str | None, when: float) -> None:
+        if namespace:
+            self.namespaces.add(namespace)
+        self.first = min(self.first, when) if self.first else when
+        self.last = max(self.last, when)
+
+    def absorb(self, other: Observation) -> None:
+        self.namespaces |= other.namespaces
+        self.first = min(self.first, other.first) if self.first else other.first
+        self.last = max(self.last, other.last)
+
+
+@dataclass
+class MergeResult:
+    changed: bool = False
+    added: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+
+
+def needs_write(record: Record | None, seen: Observation, *, refresh: float) -> bool:
+    """False when merging `seen` into `record` would change nothing worth a write: the
+    image is known, its namespaces are listed (or the list is full) and lastSeen is
+    fresher than the refresh period."""
+    if record is None:
+        return True
+    if len(record.namespaces) < MAX_NAMESPACES_PER_IMAGE and not seen.namespaces <= set(
+            record.namespaces):
+        return True
+    try:
+        return seen.last - parse_time(record.last_seen) >= refresh
+    except ValueError:
+        return True
+
+
+def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: str,
+          settings: Settings) -> MergeResult:
+    """Merges observations into `learned` in place, enforcing the caps. Pure apart from
+    mutating `learned`; `observed` keys are normalized references."""
+    result = MergeResult()
+    size = learned.size()
+    per_namespace: dict[str, int] = {}
+    for record in learned.records.values():
+        if record.namespaces:
+            per_namespace[record.namespaces[0]] = per_namespace.get(record.namespaces[0], 0) + 1
+    for image in sorted(observed, key=lambda i: observed[i].first):
+        seen = observed[image]
+        key = key_for(image)
+        record = learned.records.get(key)
+        if record is not None:
+            if not needs_write(record, seen, refresh=settings.last_seen_refresh):
+                continue
+            before = record.to_json()
+            for namespace in sorted(seen.namespaces):
+                if (namespace not in record.namespaces
+                        and len(record.namespaces) < MAX_NAMESPACES_PER_IMAGE):
+                    record.namespaces.append(namespace)
+            if seen.last and (not record.last_seen or seen.last > _safe_time(record.last_seen)):
+                record.last_seen = rfc3339(seen.last)
+            after = record.to_json()
+            if after != before:
+                size += len(after) - len(before)
+                result.changed = True
+            continue
+        namespaces = sorted(seen.namespaces)[:MAX_NAMESPACES_PER_IMAGE]
+        origin = namespaces[0] if namespaces else ""
+        if len(learned.records) >= settings.max_images:
+            result.refused.append((image, f"max images reached ({settings.max_images})"))
+            continue
+        if origin and per_namespace.get(origin, 0) >= settings.max_images_per_namespace:
+            result.refused.append((image, f"max images per namespace reached for {origin} "
+                                          f"({settings.max_images_per_namespace})"))
+            continue
+        record = Record(image=image, namespaces=namespaces, first_seen=rfc3339(seen.first),
+                        last_seen=rfc3339(seen.last), source=source)
+        entry = len(key) + len(record.to_json())
+        if size + entry > settings.max_bytes:
+            result.refused.append((image, f"learned-images size cap reached "
+                                          f"({settings.max_bytes} bytes)"))
+            continue
+        learned.records[key] = record
+        size += entry
+        if origin:
+            per_namespace[origin] = per_namespace.get(origin, 0) + 1
+        result.added.append(image)
+        result.changed = True
+    return result
+
+
+def _safe_time(text: str) -> float:
+    try:
+        return parse_time(text)
+    except ValueError:
+        return 0.0
+
+
+def expire(learned: LearnedSet, *, now: float, ttl: float,
+           keep_sources: Iterable[str] = ("static",)) -> list[str]:
+    """Removes images not seen for `ttl` seconds (static entries never expire)."""
+    keep = set(keep_sources)
+    gone = [key for key, record in learned.records.items()
+            if record.source not in keep and now - _safe_time(record.last_seen) > ttl]
+    removed = [learned.records.pop(key).image for key in gone]
+    return removed
+
+
+class StoreUnavailable(RuntimeError):
+    """The API server could not be reached or refused the write; the caller keeps its
+    data and retries later."""
+
+
+@dataclass
+class Snapshot:
+    learned: LearnedSet
+    resource_version: str
+
+
+class LearnedImagesStore:
+    """Reads and writes the ConfigMap. All writes go through `update`."""
+
+    def __init__(self, core: client.CoreV1Api, *, namespace: str, name: str,
+                 create_missing: bool = True, on_write: Callable[[], None] | None = None):
+        self.core, self.namespace, self.name = core, namespace, name
+        self.create_missing = create_missing
+        self.on_write = on_write or (lambda: None)
+
+    def read(self) -> Snapshot:
+        try:
+            cm = self.core.read_namespaced_config_map(self.name, self.namespace,
+                                                      _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as error:
+            if error.status == 404 and self.create_missing:
+                return self._create()
+            raise StoreUnavailable(self._describe(error, "read")) from error
+        except Exception as error:  # urllib3 connection errors and timeouts
+            raise StoreUnavailable(f"reading ConfigMap {self.namespace}/{self.name}: "
+                                   f"{error.__class__.__name__}: {error}") from error
+        return Snapshot(LearnedSet.decode(cm.data), cm.metadata.resource_version)
+
+    def _create(self) -> Snapshot:
+        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(
+            name=self.name, namespace=self.namespace, labels=dict(LABELS)), data={})
+        try:
+            cm = self.core.create_namespaced_config_map(self.namespace, body,
+                                                        _request_timeout=REQUEST_TIMEOUT)
+            self.on_write()
+            logger.info("created ConfigMap %s/%s", self.namespace, self.name)
+        except ApiException as error:
+            if error.status == 409:  # another writer created it first
+                return self.read()
+            raise StoreUnavailable(self._describe(error, "create")) from error
+        except Exception as error:
+            raise StoreUnavailable(f"creating ConfigMap {self.namespace}/{self.name}: "
+                                   f"{error}") from error
+        return Snapshot(LearnedSet.decode(cm.data), cm.metadata.resource_version)
+
+    def _describe(self, error: ApiException, verb: str) -> str:
+        hint = ""
+        if error.status == 404:
+            hint = " (it is missing; the Helm chart pre-creates it)"
+        elif error.status == 403:
+            hint = " (forbidden: check the ServiceAccount's Role)"
+        return (f"cannot {verb} ConfigMap {self.namespace}/{self.name}: HTTP {error.status} "
+                f"{error.reason}{hint}")
+
+    def update(self, mutate: Callable[[LearnedSet], bool], *, attempts: int = 50,
+               snapshot: Snapshot | None = None) -> Snapshot:
+        """Read-modify-write: `mutate` changes the set in place and returns whether it
+        changed anything; on 409 the fresh object is read and `mutate` runs again. Returns
+        the snapshot as written (or as read, when nothing changed)."""
+        current = snapshot
+        for _ in range(attempts):
+            if current is None:
+                current = self.read()
+            before = current.learned.encode()
+            if not mutate(current.learned):
+                return current
+            patch = merge_patch(before, current.learned.encode(), current.resource_version)
+            if not patch["data"]:
+                return current
+            try:
+                written = self.core.patch_namespaced_config_map(
+                    self.name, self.namespace, patch,
+                    _content_type="application/merge-patch+json",
+                    _request_timeout=REQUEST_TIMEOUT)
+            except ApiException as error:
+                if error.status == 409:
+                    current = None
+                    continue
+                raise StoreUnavailable(self._describe(error, "write")) from error
+            except Exception as error:
+                raise StoreUnavailable(f"writing ConfigMap {self.namespace}/{self.name}: "
+                                       f"{error.__class__.__name__}: {error}") from error
+            self.on_write()
+            return Snapshot(LearnedSet.decode(written.data), written.metadata.resource_version)
+        raise StoreUnavailable(f"ConfigMap {self.namespace}/{self.name}: still conflicting "
+                               f"after {attempts} attempts")
+
+
+def merge_patch(before: Mapping[str, str], after: Mapping[str, str],
+                resource_version: str) -> dict[str, Any]:
+    """A JSON merge patch carrying only the keys that changed (null deletes a key) and
+    `resourceVersion` as a precondition: the API server answers 409 if another writer got
+    there first, which is what `update` retries on, and labels or annotations owned by
+    others (Helm) are left alone."""
+    data: dict[str, str | None] = {k: v for k, v in after.items() if before.get(k) != v}
+    data.update((k, None) for k in before if k not in after)
+    return {"metadata": {"resourceVersion": resource_version}, "data": data}
