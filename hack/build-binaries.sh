@@ -146,11 +146,32 @@ build_go_install() { # NAME VERSION DIR PACKAGE LDFLAGS
   step "$name $version: built in $dir"
 }
 
+# kwok simulates nodes and pods through Stage configurations; without any it refuses to
+# start. Its module ships the standard "fast" set (nodes Ready at once and kept alive by
+# a Lease heartbeat; pods Running with init containers Completed; deletions finished),
+# which we take from the module cache, at the same version as the binary.
+install_kwok_stages() {
+  local dest="$cache/kwok-$KWOK_VERSION/stages"
+  if [[ -f "$dest/pod-ready.yaml" ]]; then step "kwok stages: present in $dest"; return; fi
+  local mod
+  mod="$(cd "$cache/src" && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  local tmp="$dest.tmp.$$"; rm -rf "$tmp"; mkdir -p "$tmp"
+  cp "$mod/kustomize/stage/node/fast/node-initialize.yaml" \
+     "$mod/kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml" \
+     "$mod/kustomize/stage/pod/fast/pod-ready.yaml" \
+     "$mod/kustomize/stage/pod/fast/pod-complete.yaml" \
+     "$mod/kustomize/stage/pod/fast/pod-delete.yaml" "$tmp/"
+  chmod 644 "$tmp"/*.yaml
+  finish "$tmp" "$dest"
+  step "kwok stages: installed in $dest"
+}
+
 step "cache: $cache (override with PREWARM_CACHE_DIR); $(go version)"
 build_etcd
 build_kubernetes
 build_go_install kwok "$KWOK_VERSION" "$kwok_dir" sigs.k8s.io/kwok/cmd/kwok \
   "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
+install_kwok_stages
 build_go_install helm "$HELM_VERSION" "$helm_dir" helm.sh/helm/v3/cmd/helm \
   "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 step "all binaries ready"

@@ -1,0 +1,189 @@
+"""Helpers shared by the cluster tests: polling with a deadline and child processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from hack.controlplane import wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+NODES = 5
+
+
+def eventually(what: str, check: Callable[[], object], timeout: float = 30,
+               interval: float = 0.2):
+    """Polls `check` until truthy (no sleeps to wait for state in the tests)."""
+    return wait_for(what, check, timeout=timeout, interval=interval)
+
+
+class Process:
+    """A child process with its output in a log file, stopped at teardown."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        self._out = open(log, "wb")
+        self.popen = subprocess.Popen(argv, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+                                      cwd=REPO, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise AssertionError(f"process exited with {self.popen.returncode}:\n"
+                                 f"{self.output()[-3000:]}")
+
+    def stop(self, sig: int = 15, timeout: float = 20) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, 9)
+                self.popen.wait(timeout)
+        self._out.close()
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREWARM_")}
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def python_module(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+# -- the chart ---------------------------------------------------------------------------
+
+CHART = REPO / "deploy" / "helm" / "prewarm"
+
+
+def helm_template(namespace: str, *sets: str, release: str = "prewarm") -> list[dict]:
+    """`helm template` of the chart, as a list of objects."""
+    import yaml
+
+    from hack.controlplane import find_binary
+
+    argv = [str(find_binary("helm")), "template", release, str(CHART), "--namespace", namespace]
+    for item in sets:
+        argv += ["--set", item]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def chart_object(docs: list[dict], kind: str, name_suffix: str = "") -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    assert len(matches) == 1, f"expected one {kind} *{name_suffix}, got {len(matches)}"
+    return matches[0]
+
+
+def webhook_for_url(config: dict, url: str, ca_pem: bytes, name: str) -> dict:
+    """The chart's webhook configuration, pointed at a local URL instead of the Service."""
+    import base64
+    import copy
+
+    config = copy.deepcopy(config)
+    config["metadata"] = {"name": name, "labels": config["metadata"].get("labels", {})}
+    for hook in config["webhooks"]:
+        hook["clientConfig"] = {"url": url + hook["clientConfig"]["service"]["path"],
+                                "caBundle": base64.b64encode(ca_pem).decode()}
+    return config
+
+
+# -- the observer as a real gunicorn server --------------------------------------------
+
+class Observer:
+    """`python -m webhook serve` on 127.0.0.1 over TLS (certs from the certs package),
+    writing to learned-images in `namespace` of the control plane `plane`."""
+
+    def __init__(self, plane, namespace: str, workdir: Path, *, kubeconfig: Path | None = None,
+                 env: dict[str, str] | None = None, workers: int = 2):
+        from certs import tls
+        from hack.controlplane import free_port
+
+        self.plane, self.namespace, self.workdir = plane, namespace, workdir
+        self.ca, ca_key = tls.generate_ca()
+        cert, key = tls.generate_serving(self.ca, ca_key, dns_names=["localhost"],
+                                         ip_addresses=["127.0.0.1"])
+        self.ca_key = ca_key
+        (workdir / "ca.crt").write_bytes(self.ca)
+        (workdir / "tls.crt").write_bytes(cert)
+        (workdir / "tls.key").write_bytes(key)
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.process = Process(
+            python_module("webhook", "serve", "--port", str(self.port),
+                          "--bind-address", "127.0.0.1",
+                          "--tls-cert-file", str(workdir / "tls.crt"),
+                          "--tls-key-file", str(workdir / "tls.key"),
+                          "--namespace", namespace, "--workers", str(workers)),
+            python_env(KUBECONFIG=str(kubeconfig or plane.kubeconfig),
+                       PREWARM_FLUSH_INTERVAL="0.2s", **(env or {})),
+            workdir / "observer.log")
+        wait_for("observer /healthz", lambda: self.get("/healthz")[0] == 200, timeout=30,
+                 alive=self.process.alive)
+
+    def ssl_context(self):
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.workdir / "ca.crt"))
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        import http.client
+
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=10,
+                                                 context=self.ssl_context())
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            return self.request("GET", path)
+        except OSError:
+            return 0, b""
+
+    def metric(self, name: str) -> float:
+        """Sum of a Prometheus metric's samples on /metrics."""
+        total = 0.0
+        for line in self.get("/metrics")[1].decode().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def learned_images(core, namespace: str, name: str = "learned-images") -> dict[str, dict]:
+    """image -> record, read from the ConfigMap like `kubectl get -o yaml` shows it."""
+    import json
+
+    from kubernetes.client import ApiException
+
+    try:
+        cm = core.read_namespaced_config_map(name, namespace)
+    except ApiException as error:
+        if error.status == 404:
+            return {}
+        raise
+    records = {}
+    for value in (cm.data or {}).values():
+        record = json.loads(value)
+        records[record["image"]] = record
+    return records
+
+
+def new_namespace_name(prefix: str) -> str:
+    import uuid
+
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
