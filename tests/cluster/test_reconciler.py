@@ -1,0 +1,257 @@
+"""The reconciler against the real control plane with kwok nodes: the API server judges
+the DaemonSet, the DaemonSet controller and kwok give one pod per node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+from kubernetes import client
+
+from tests.support import (NODES, Process, eventually, learned_images, new_namespace_name,
+                           python_env, python_module)
+from webhook import daemonset
+from webhook.reconciler import LeaseElector, Reconciler
+from webhook.settings import Settings
+from webhook.store import LearnedImagesStore, Observation, merge
+
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
+              "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
+@pytest.fixture
+def prewarm_ns(core):
+    """Prewarm's namespace, enforcing the restricted Pod Security profile."""
+    name = new_namespace_name("prewarm")
+    core.create_namespace({"metadata": {"name": name, "labels": RESTRICTED}})
+    yield name
+    core.delete_namespace(name)
+
+
+def settings_for(namespace: str, **changes) -> Settings:
+    return Settings(namespace=namespace, helper_image="ghcr.io/prewarm/prewarm:test",
+                    **{"backfill": False, **changes})
+
+
+def learn(cluster, namespace: str, images: list[str], settings: Settings) -> None:
+    store = LearnedImagesStore(client.CoreV1Api(cluster.api_client()), namespace=namespace,
+                               name=settings.configmap)
+    now = time.time()
+    observed = {image: Observation({"team"}, now, now) for image in images}
+    store.update(lambda learned: merge(learned, observed, source="admission",
+                                       settings=Settings(max_images_per_namespace=10000)).changed)
+
+
+def pods_of(core, namespace: str, name: str) -> list:
+    return core.list_namespaced_pod(namespace, label_selector=f"{daemonset.DAEMONSET_LABEL}={name}").items
+
+
+def test_learned_image_is_pulled_on_every_node_under_restricted_pod_security(
+        cluster, core, apps, prewarm_ns):
+    settings = settings_for(prewarm_ns)
+    learn(cluster, prewarm_ns, ["docker.io/library/nginx:1.27"], settings)
+    reconciler = Reconciler(settings, cluster.api_client())
+
+    result = reconciler.reconcile_once()
+    assert result.daemonsets == {"prewarm-images": "created"}
+    live = apps.read_namespaced_daemon_set("prewarm-images", prewarm_ns)
+    pulls = [c for c in live.spec.template.spec.init_containers if c.name.startswith("pull-")]
+    assert [c.image for c in pulls] == ["docker.io/library/nginx:1.27"]
+
+    # PodSecurity admission would refuse the pods, and the DaemonSet would never get them
+    running = eventually(f"{NODES} Running prepuller pods", lambda: (lambda pods: pods if len(
+        [p for p in pods if p.status.phase == "Running"]) == NODES else None)(
+        pods_of(core, prewarm_ns, "prewarm-images")), timeout=90)
+    assert {p.spec.node_name for p in running} == set(cluster.node_names)
+
+    def warm():
+        reconciler.reconcile_once()
+        record = learned_images(core, prewarm_ns)["docker.io/library/nginx:1.27"]
+        return record if record["state"] == "warm" else None
+
+    record = eventually("image warm on every node", warm, timeout=60, interval=0.5)
+    assert record["warmNodes"] == NODES
+
+
+def test_a_pass_without_change_writes_nothing(cluster, core, apps, prewarm_ns):
+    settings = settings_for(prewarm_ns)
+    learn(cluster, prewarm_ns, ["docker.io/library/redis:7"], settings)
+    reconciler = Reconciler(settings, cluster.api_client())
+    reconciler.reconcile_once()
+    before = apps.read_namespaced_daemon_set("prewarm-images", prewarm_ns)
+    cm_before = core.read_namespaced_config_map("learned-images", prewarm_ns)
+
+    result = reconciler.reconcile_once()
+    assert result.daemonsets == {"prewarm-images": "unchanged"}
+    after = apps.read_namespaced_daemon_set("prewarm-images", prewarm_ns)
+    assert after.metadata.generation == before.metadata.generation
+    assert after.metadata.annotations == before.metadata.annotations
+    # learned-images may only change through the pods' status (pending -> warm)
+    if cm_before.metadata.resource_version != core.read_namespaced_config_map(
+            "learned-images", prewarm_ns).metadata.resource_version:
+        states = {r["state"] for r in learned_images(core, prewarm_ns).values()}
+        assert states <= {"pending", "warm"}
+
+
+def test_adding_one_image_to_300_changes_only_one_shard(cluster, core, apps, prewarm_ns):
+    settings = settings_for(prewarm_ns, shard_size=100)
+    learn(cluster, prewarm_ns, [f"registry.example.com/team/app-{i:03d}:v1" for i in range(300)],
+          settings)
+    reconciler = Reconciler(settings, cluster.api_client())
+    first = reconciler.reconcile_once()
+    assert first.daemonsets == {"prewarm-images": "created", "prewarm-images-1": "created",
+                                "prewarm-images-2": "created"}
+    generations = {ds.metadata.name: ds.metadata.generation
+                   for ds in apps.list_namespaced_daemon_set(prewarm_ns).items}
+
+    learn(cluster, prewarm_ns, ["registry.example.com/team/newcomer:v1"], settings)
+    second = reconciler.reconcile_once()
+    assert second.daemonsets == {"prewarm-images": "unchanged", "prewarm-images-1": "unchanged",
+                                 "prewarm-images-2": "unchanged", "prewarm-images-3": "created"}
+    for ds in apps.list_namespaced_daemon_set(prewarm_ns).items:
+        if ds.metadata.name in generations:
+            assert ds.metadata.generation == generations[ds.metadata.name], ds.metadata.name
+
+
+def test_pods_that_existed_before_the_reconciler_are_backfilled(cluster, core, prewarm_ns,
+                                                                namespace_factory):
+    team = namespace_factory("team", {"prewarm.io/learn": "enabled"})
+    quiet = namespace_factory("quiet")
+    for namespace, image in ((team, "backfill.example.com/legacy:2"),
+                             (quiet, "backfill.example.com/unlabelled:1")):
+        core.create_namespaced_pod(namespace, {"metadata": {"name": "old"}, "spec": {
+            "containers": [{"name": "c", "image": image}]}})
+    reconciler = Reconciler(settings_for(prewarm_ns, backfill=True), cluster.api_client())
+    result = reconciler.reconcile_once()
+    assert "backfill.example.com/legacy:2" in result.backfilled
+    learned = learned_images(core, prewarm_ns)
+    assert learned["backfill.example.com/legacy:2"]["source"] == "backfill"
+    assert learned["backfill.example.com/legacy:2"]["namespaces"] == [team]
+    assert "backfill.example.com/unlabelled:1" not in learned
+
+
+def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_backoff(
+        cluster, core, apps, prewarm_ns):
+    broken, good = "broken.example.com/missing:1", "docker.io/library/alpine:3.20"
+    settings = settings_for(prewarm_ns, failure_backoff=4.0)
+    learn(cluster, prewarm_ns, [broken, good], settings)
+    reconciler = Reconciler(settings, cluster.api_client())
+    reconciler.reconcile_once()
+    name = daemonset.container_name(broken)
+    victim = eventually("a prepuller pod", lambda: pods_of(core, prewarm_ns, "prewarm-images"),
+                        timeout=60)[0]
+    # play the kubelet: the pull of `broken` fails on this node (kwok leaves it alone)
+    core.patch_namespaced_pod(victim.metadata.name, prewarm_ns, {"metadata": {
+        "annotations": {"kwok.x-k8s.io/status": "custom"}}})
+    statuses = [{"name": c.name, "image": c.image, "ready": False, "restartCount": 0,
+                 "state": {"waiting": {"reason": "ErrImagePull",
+                                       "message": "pull access denied"}}}
+                if c.name == name else
+                {"name": c.name, "image": c.image, "ready": True, "restartCount": 0,
+                 "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}
+                for c in victim.spec.init_containers]
+    core.patch_namespaced_pod_status(victim.metadata.name, prewarm_ns, {
+        "status": {"initContainerStatuses": statuses}})
+
+    result = reconciler.reconcile_once()
+    assert result.failing == [broken]
+    record = learned_images(core, prewarm_ns)[broken]
+    assert record["state"] == "failing: ErrImagePull" and record["retryAt"]
+
+    def images_in_daemonset() -> list[str]:
+        ds = apps.read_namespaced_daemon_set("prewarm-images", prewarm_ns)
+        return [c.image for c in ds.spec.template.spec.init_containers if c.name.startswith("pull-")]
+
+    assert images_in_daemonset() == [good]
+
+    def retried():
+        reconciler.reconcile_once()
+        return broken in images_in_daemonset()
+
+    eventually("the failing image back in the DaemonSet after the backoff", retried,
+               timeout=60, interval=0.5)
+    assert not learned_images(core, prewarm_ns)[broken]["state"].startswith("failing")
+
+
+def test_reconcile_once_cli_reports_and_exits_zero(cluster, core, prewarm_ns, tmp_path):
+    settings = settings_for(prewarm_ns)
+    learn(cluster, prewarm_ns, ["quay.io/prometheus/node-exporter:v1.8.0"], settings)
+    env = python_env(KUBECONFIG=str(cluster.kubeconfig), PREWARM_NAMESPACE=prewarm_ns,
+                     PREWARM_HELPER_IMAGE="ghcr.io/prewarm/prewarm:test", PREWARM_BACKFILL="false")
+    run = subprocess.run(python_module("webhook", "reconcile", "--once"), env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["daemonsets"] == {"prewarm-images": "created"}
+    rendered = subprocess.run(python_module("webhook", "render"), env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "quay.io/prometheus/node-exporter:v1.8.0" in rendered.stdout
+    again = subprocess.run(python_module("webhook", "reconcile", "--once"), env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["outcome"] == "unchanged"
+    broken_env = {**env, "KUBECONFIG": str(tmp_path / "missing")}
+    failed = subprocess.run(python_module("webhook", "reconcile", "--once"), env=broken_env,
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and "does not exist" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+def test_only_one_of_two_candidates_leads_and_the_other_takes_over(cluster, prewarm_ns):
+    settings = settings_for(prewarm_ns, lease_duration=2.0)
+    first = LeaseElector(cluster.api_client(), settings, "replica-a")
+    second = LeaseElector(cluster.api_client(), settings, "replica-b")
+    assert first.try_acquire() is True
+    assert second.try_acquire() is False
+    assert first.try_acquire() is True  # renewal
+    # replica-a stops renewing: replica-b takes over once the lease has expired
+    eventually("takeover", second.try_acquire, timeout=15, interval=0.5)
+    assert first.try_acquire() is False
+    lease = client.CoordinationV1Api(cluster.api_client()).read_namespaced_lease(
+        settings.lease_name, prewarm_ns)
+    assert lease.spec.holder_identity == "replica-b" and lease.spec.lease_transitions == 1
+
+
+def test_running_reconciler_follows_learned_images(cluster, core, apps, prewarm_ns, tmp_path):
+    """The continuous mode: a change of learned-images reaches the DaemonSet via the watch,
+    well before the (long) resync period."""
+    env = python_env(KUBECONFIG=str(cluster.kubeconfig), PREWARM_NAMESPACE=prewarm_ns,
+                     PREWARM_HELPER_IMAGE="ghcr.io/prewarm/prewarm:test",
+                     PREWARM_RESYNC_PERIOD="1h", PREWARM_HEALTH_PORT="0",
+                     PREWARM_LEASE_DURATION="3s")
+    process = Process(python_module("webhook", "reconcile"), env, tmp_path / "reconciler.log")
+    try:
+        settings = settings_for(prewarm_ns)
+        eventually("DaemonSet created", lambda: apps.list_namespaced_daemon_set(prewarm_ns).items,
+                   timeout=60)
+        learn(cluster, prewarm_ns, ["docker.io/library/postgres:17"], settings)
+
+        def applied() -> bool:
+            process.alive()
+            ds = apps.read_namespaced_daemon_set("prewarm-images", prewarm_ns)
+            return any(c.image == "docker.io/library/postgres:17"
+                       for c in ds.spec.template.spec.init_containers)
+
+        eventually("the watch to apply the new image", applied, timeout=30)
+    finally:
+        process.stop()
+
+
+def test_status_lists_images_with_state_and_warm_nodes(cluster, core, prewarm_ns):
+    settings = settings_for(prewarm_ns)
+    learn(cluster, prewarm_ns, ["docker.io/library/nginx:1.27", "ghcr.io/acme/api:v3"], settings)
+    env = python_env(KUBECONFIG=str(cluster.kubeconfig), PREWARM_NAMESPACE=prewarm_ns)
+    table = subprocess.run(python_module("webhook", "status"), env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["IMAGE", "STATE", "SOURCE"]
+    assert any(line.startswith("docker.io/library/nginx:1.27") and "pending" in line
+               and "team" in line for line in lines)
+    assert lines[-1] == f"2 images in {prewarm_ns}/learned-images"
+    as_json = subprocess.run(python_module("webhook", "status", "-o", "json"), env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert {r["image"] for r in json.loads(as_json.stdout)} == {
+        "docker.io/library/nginx:1.27", "ghcr.io/acme/api:v3"}

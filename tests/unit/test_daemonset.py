@@ -1,0 +1,136 @@
+"""The desired DaemonSets as a pure function of the learned set."""
+
+from __future__ import annotations
+
+import re
+
+from webhook import daemonset
+from webhook.settings import Settings
+from webhook.store import LearnedSet, Observation, merge, parse_time, rfc3339
+
+NOW = parse_time("2026-11-21T12:00:00Z")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def learned_with(images: list[str], namespaces_of=lambda i: ["ns"]) -> LearnedSet:
+    learned = LearnedSet()
+    observed = {}
+    for index, image in enumerate(images):
+        seen = Observation()
+        for namespace in namespaces_of(index):
+            seen.add(namespace, NOW - 1000 + index)
+        observed[image] = seen
+    merge(learned, observed, source="admission",
+          settings=Settings(max_images=100000, max_images_per_namespace=100000,
+                            max_bytes=10**8))
+    return learned
+
+
+def persist(learned: LearnedSet, settings: Settings) -> None:
+    """What the reconciler does with assign_shards' answer."""
+    by_image = learned.by_image()
+    for image, shard in daemonset.assign_shards(learned, settings).items():
+        by_image[image].extra["shard"] = shard
+
+
+def test_each_image_becomes_a_pull_init_container_running_the_helper():
+    settings = Settings(namespace="prewarm")
+    (manifest,) = daemonset.desired_daemonsets(
+        learned_with(["docker.io/library/nginx:latest", "gcr.io/distroless/static:nonroot"]),
+        settings, now=NOW)
+    spec = manifest["spec"]["template"]["spec"]
+    helper, *pulls = spec["initContainers"]
+    assert helper["image"] == settings.helper_image
+    assert helper["command"] == ["cp", settings.helper_path, daemonset.HELPER_BINARY]
+    assert {c["image"] for c in pulls} == {"docker.io/library/nginx:latest",
+                                           "gcr.io/distroless/static:nonroot"}
+    for container in pulls:
+        assert DNS_LABEL.match(container["name"]) and container["name"].startswith("pull-")
+        assert container["command"] == [daemonset.HELPER_BINARY]  # no shell needed
+        assert container["imagePullPolicy"] == "IfNotPresent"
+        assert container["resources"]["limits"] and container["resources"]["requests"]
+        context = container["securityContext"]
+        assert context["runAsUser"] == 65532 and context["runAsNonRoot"] is True
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["allowPrivilegeEscalation"] is False
+    assert spec["containers"][0]["name"] == "pause"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["terminationGracePeriodSeconds"] == 0
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert manifest["metadata"]["name"] == "prewarm-images"
+    assert manifest["metadata"]["namespace"] == "prewarm"
+
+
+def test_same_input_gives_the_same_manifest_and_names_are_stable():
+    settings = Settings()
+    learned = learned_with([f"a.io/img{i}:1" for i in range(10)])
+    first = daemonset.desired_daemonsets(learned, settings, now=NOW)
+    again = daemonset.desired_daemonsets(learned, settings, now=NOW + 50)
+    assert first == again
+    assert daemonset.container_name("a.io/x:1") == daemonset.container_name("a.io/x:1")
+    assert daemonset.container_name("a.io/x:1") != daemonset.container_name("a.io/x:2")
+
+
+def test_images_used_in_more_namespaces_are_pulled_first():
+    learned = learned_with(["a.io/rare:1", "a.io/popular:1", "a.io/medium:1"],
+                           namespaces_of=lambda i: [["a"], ["a", "b", "c"], ["a", "b"]][i])
+    (manifest,) = daemonset.desired_daemonsets(learned, Settings(), now=NOW)
+    order = [c["image"] for c in manifest["spec"]["template"]["spec"]["initContainers"][1:]]
+    assert order == ["a.io/popular:1", "a.io/medium:1", "a.io/rare:1"]
+
+
+def test_adding_one_image_to_300_changes_only_one_shard():
+    settings = Settings(shard_size=100)
+    learned = learned_with([f"a.io/img{i:03d}:1" for i in range(300)])
+    persist(learned, settings)
+    before = {m["metadata"]["name"]: m for m in
+              daemonset.desired_daemonsets(learned, settings, now=NOW)}
+    assert sorted(before) == ["prewarm-images", "prewarm-images-1", "prewarm-images-2"]
+    merge(learned, {"a.io/newcomer:1": Observation({"ns"}, NOW, NOW)}, source="admission",
+          settings=Settings(max_images_per_namespace=1000))
+    persist(learned, settings)
+    after = {m["metadata"]["name"]: m for m in
+             daemonset.desired_daemonsets(learned, settings, now=NOW)}
+    changed = [name for name in after if before.get(name) != after[name]]
+    assert changed == ["prewarm-images-3"]
+
+
+def test_removing_an_image_changes_only_its_shard_and_the_slot_is_reused():
+    settings = Settings(shard_size=2)
+    learned = learned_with(["a.io/a:1", "a.io/b:1", "a.io/c:1", "a.io/d:1"])
+    persist(learned, settings)
+    victim = learned.get("a.io/a:1")
+    victim_shard = victim.extra["shard"]
+    del learned.records[next(k for k, r in learned.records.items() if r.image == "a.io/a:1")]
+    merge(learned, {"a.io/e:1": Observation({"ns"}, NOW, NOW)}, source="admission",
+          settings=Settings())
+    persist(learned, settings)
+    assert learned.get("a.io/e:1").extra["shard"] == victim_shard
+    assert len(daemonset.desired_daemonsets(learned, settings, now=NOW)) == 2
+
+
+def test_failing_images_are_left_out_until_their_retry_time():
+    learned = learned_with(["a.io/good:1", "a.io/broken:1"])
+    record = learned.get("a.io/broken:1")
+    record.state = "failing: ErrImagePull"
+    record.extra["retryAt"] = rfc3339(NOW + 600)
+
+    def pulled(now):
+        (manifest,) = daemonset.desired_daemonsets(learned, Settings(), now=now)
+        return [c["image"] for c in manifest["spec"]["template"]["spec"]["initContainers"][1:]]
+
+    assert pulled(NOW) == ["a.io/good:1"]
+    assert "a.io/broken:1" in pulled(NOW + 601)
+
+
+def test_scheduling_settings_reach_the_pod_template():
+    settings = Settings(tolerations=[{"operator": "Exists"}], priority_class="low",
+                        image_pull_secrets=("regcred",), max_unavailable="3",
+                        affinity={"nodeAffinity": {}}, node_selector={"pool": "gpu"})
+    (manifest,) = daemonset.desired_daemonsets(LearnedSet(), settings, now=NOW)
+    spec = manifest["spec"]["template"]["spec"]
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert spec["priorityClassName"] == "low"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["nodeSelector"] == {"pool": "gpu"} and spec["affinity"] == {"nodeAffinity": {}}
+    assert manifest["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 3

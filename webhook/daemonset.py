@@ -1,0 +1,211 @@
+"""The desired pre-pull DaemonSets: a pure function of the learned set and the settings.
+
+Each eligible image becomes an initContainer `pull-<hash>` that runs a static no-op
+executable. The kubelet pulls the image to start the container, the container exits 0
+at once, and the next one starts: after the pod's init phase every image is in the node's
+cache. The executable is copied by a first initContainer from Prewarm's own image into an
+emptyDir, so images without a shell or `/bin/true` (distroless, scratch) work too.
+
+Sharding: an image keeps the shard it was first placed in (recorded as `shard` in its
+learned-images record), new images go to the lowest shard with room. Adding an image
+therefore changes one shard only, and a broken image can hold back at most the images
+after it in its own shard (and failing images are left out, see reconciler.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from webhook import images
+from webhook.settings import Settings
+from webhook.store import LearnedSet, Record, parse_time
+
+COMPONENT = "prepuller"
+DAEMONSET_LABEL = "prewarm.io/daemonset"
+HASH_ANNOTATION = "prewarm.io/template-hash"
+IMAGE_COUNT_ANNOTATION = "prewarm.io/images"
+HELPER_VOLUME, HELPER_DIR = "prewarm-bin", "/prewarm-bin"
+HELPER_BINARY = f"{HELPER_DIR}/noop"
+# Small enough to fit any LimitRange, non-zero so a ResourceQuota namespace accepts it.
+PULL_RESOURCES = {"requests": {"cpu": "1m", "memory": "8Mi"},
+                  "limits": {"cpu": "50m", "memory": "32Mi"}}
+
+
+def container_name(image: str) -> str:
+    """`pull-<10 hex>`: a valid DNS-1123 label, stable for the same image."""
+    return "pull-" + images.short_hash(image, 10)
+
+
+def shard_name(settings: Settings, shard: int) -> str:
+    return settings.daemonset if shard == 0 else f"{settings.daemonset}-{shard}"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "prewarm", "app.kubernetes.io/component": COMPONENT,
+            DAEMONSET_LABEL: name}
+
+
+def usage(record: Record) -> int:
+    """How widely an image is used: namespaces it was seen in (more first)."""
+    return len(record.namespaces)
+
+
+def eligible(record: Record, now: float) -> bool:
+    """Failing images stay out of the DaemonSet until their retry time."""
+    if not record.state.startswith("failing"):
+        return True
+    retry_at = record.extra.get("retryAt")
+    try:
+        return bool(retry_at) and parse_time(str(retry_at)) <= now
+    except ValueError:
+        return True
+
+
+def assign_shards(learned: LearnedSet, settings: Settings) -> dict[str, int]:
+    """Image -> shard for every record: kept where valid, new ones placed in the lowest
+    shard with room, most used first. Returns only the assignments that changed, for the
+    reconciler to persist."""
+    size = settings.shard_size
+    members: dict[int, list[Record]] = {}
+    unplaced: list[Record] = []
+    for record in sorted(learned.records.values(), key=order_key):
+        shard = record.extra.get("shard")
+        if isinstance(shard, int) and shard >= 0 and len(members.get(shard, [])) < size:
+            members.setdefault(shard, []).append(record)
+        else:
+            unplaced.append(record)
+    changed: dict[str, int] = {}
+    shard = 0
+    for record in unplaced:
+        while len(members.get(shard, [])) >= size:
+            shard += 1
+        members.setdefault(shard, []).append(record)
+        if record.extra.get("shard") != shard:
+            changed[record.image] = shard
+    return changed
+
+
+def order_key(record: Record) -> tuple:
+    return (-usage(record), record.first_seen, record.image)
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    name: str
+    images: tuple[str, ...]
+
+
+def plan(learned: LearnedSet, settings: Settings, *, now: float) -> list[Shard]:
+    """Shards with their images in pull order. Shard 0 always exists (the chart
+    pre-creates it); other shards exist while they hold an eligible image. Records must
+    carry their `shard` (see assign_shards) — unassigned ones are placed as it would."""
+    pending = assign_shards(learned, settings)
+    by_shard: dict[int, list[Record]] = {}
+    for record in learned.records.values():
+        shard = pending.get(record.image, record.extra.get("shard", 0))
+        if eligible(record, now):
+            by_shard.setdefault(int(shard), []).append(record)
+    by_shard.setdefault(0, [])
+    return [Shard(index, shard_name(settings, index),
+                  tuple(r.image for r in sorted(by_shard[index], key=order_key)))
+            for index in sorted(by_shard)]
+
+
+def _security_context(settings: Settings, *, read_only: bool = True) -> dict[str, Any]:
+    # The restricted Pod Security profile, with an explicit numeric user: many images
+    # declare USER root (or nothing), and runAsNonRoot alone would refuse to start them.
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True, "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_user, "readOnlyRootFilesystem": read_only,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def desired_daemonset(shard: Shard, settings: Settings) -> dict[str, Any]:
+    """The DaemonSet for one shard, as a plain manifest (what `render` prints)."""
+    labels = {**selector_labels(shard.name), "app.kubernetes.io/managed-by": "prewarm"}
+    mount = {"name": HELPER_VOLUME, "mountPath": HELPER_DIR}
+    init_containers: list[dict[str, Any]] = [{
+        "name": "prewarm-helper",
+        "image": settings.helper_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["cp", settings.helper_path, HELPER_BINARY],
+        "volumeMounts": [mount],
+        "resources": PULL_RESOURCES,
+        "securityContext": _security_context(settings),
+    }]
+    for image in shard.images:
+        init_containers.append({
+            "name": container_name(image),
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": [HELPER_BINARY],
+            "volumeMounts": [{**mount, "readOnly": True}],
+            "resources": PULL_RESOURCES,
+            "securityContext": _security_context(settings),
+        })
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 0,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": settings.run_as_user,
+                            "runAsGroup": settings.run_as_user,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": HELPER_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}}],
+        "initContainers": init_containers,
+        "containers": [{
+            "name": "pause",
+            "image": settings.pause_image,
+            "imagePullPolicy": "IfNotPresent",
+            "resources": PULL_RESOURCES,
+            "securityContext": _security_context(settings),
+        }],
+    }
+    if settings.node_selector:
+        pod_spec["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        pod_spec["tolerations"] = list(settings.tolerations)
+    if settings.affinity:
+        pod_spec["affinity"] = dict(settings.affinity)
+    if settings.priority_class:
+        pod_spec["priorityClassName"] = settings.priority_class
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
+    max_unavailable: int | str = settings.max_unavailable
+    if isinstance(max_unavailable, str) and max_unavailable.isdigit():
+        max_unavailable = int(max_unavailable)
+    spec = {
+        "selector": {"matchLabels": selector_labels(shard.name)},
+        "updateStrategy": {"type": "RollingUpdate",
+                           "rollingUpdate": {"maxUnavailable": max_unavailable}},
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": shard.name, "namespace": settings.namespace, "labels": labels,
+                     "annotations": {HASH_ANNOTATION: spec_hash(spec),
+                                     IMAGE_COUNT_ANNOTATION: str(len(shard.images))}},
+        "spec": spec,
+    }
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def desired_daemonsets(learned: LearnedSet, settings: Settings, *,
+                       now: float) -> list[dict[str, Any]]:
+    return [desired_daemonset(shard, settings) for shard in plan(learned, settings, now=now)]
+
+
+def images_by_container(manifests: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """pull-<hash> container name -> image, over the given DaemonSets."""
+    result = {}
+    for manifest in manifests:
+        for container in manifest["spec"]["template"]["spec"]["initContainers"]:
+            if container["name"].startswith("pull-"):
+                result[container["name"]] = container["image"]
+    return result

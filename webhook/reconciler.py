@@ -1,0 +1,461 @@
+"""The reconciler: keeps the pre-pull DaemonSet(s) in step with learned-images.
+
+One pass (`reconcile_once`):
+1. backfill (images of running Pods in opted-in namespaces), expiry, shard assignment,
+   and failing images whose pulls failed on the prepuller pods — one conflict-safe write
+   to learned-images, made only if something changed;
+2. the desired DaemonSets (a pure function, daemonset.py) applied with server-side apply
+   only where the live object differs in what we own: `created | updated | unchanged`;
+3. per-image state read back from the prepuller pods (`warm` when every scheduled pod
+   finished its pull) into learned-images, again only on change.
+
+`run` repeats the pass under a Lease (one active replica), triggered by a watch on
+learned-images and by the resync period.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import yaml
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
+
+from webhook import daemonset, images, metrics
+from webhook.kube import api_client
+from webhook.settings import Settings
+from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
+                           expire, merge, rfc3339)
+
+logger = logging.getLogger(__name__)
+
+LEARN_LABEL = "prewarm.io/learn=enabled"
+FAILURE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
+FIELD_MANAGER = "prewarm-reconciler"
+TIMEOUT = (3, 30)
+STATUS_INTERVAL = 10.0
+
+
+@dataclass
+class PassResult:
+    daemonsets: dict[str, str] = field(default_factory=dict)  # name -> created|updated|unchanged|deleted
+    backfilled: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    failing: list[str] = field(default_factory=list)
+
+    @property
+    def outcome(self) -> str:
+        values = set(self.daemonsets.values())
+        for word in ("created", "updated", "deleted"):
+            if word in values:
+                return "updated" if word == "deleted" else word
+        return "unchanged"
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, api: client.ApiClient | None = None,
+                 *, clock=time.time):
+        self.settings, self.clock = settings, clock
+        self.api = api or api_client()
+        self.core = client.CoreV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.store = LearnedImagesStore(self.core, namespace=settings.namespace,
+                                        name=settings.configmap,
+                                        on_write=metrics.API_WRITES.labels("reconciler").inc)
+        self.filter = images.ImageFilter(allow=settings.allow, deny=settings.deny)
+
+    # -- reading the cluster -------------------------------------------------------
+    def _list_json(self, call, *args, **kwargs) -> Iterator[dict[str, Any]]:
+        """Lists in pages and decodes the JSON ourselves: building client model objects
+        for 20,000 pods costs seconds, and we need a handful of fields."""
+        token = None
+        while True:
+            response = call(*args, limit=500, _continue=token, _preload_content=False,
+                            _request_timeout=TIMEOUT, **kwargs)
+            body = json.loads(response.data)
+            yield from body.get("items") or []
+            token = (body.get("metadata") or {}).get("continue")
+            if not token:
+                return
+
+    def opted_in_namespaces(self) -> list[str]:
+        excluded = self.settings.excluded_namespaces
+        return [ns["metadata"]["name"] for ns in self._list_json(
+            self.core.list_namespace, label_selector=LEARN_LABEL)
+            if ns["metadata"]["name"] not in excluded]
+
+    def backfill_observations(self) -> dict[str, Observation]:
+        now = self.clock()
+        observed: dict[str, Observation] = {}
+        for namespace in self.opted_in_namespaces():
+            for pod in self._list_json(self.core.list_namespaced_pod, namespace,
+                                       field_selector="status.phase!=Succeeded,"
+                                                      "status.phase!=Failed"):
+                spec = pod.get("spec") or {}
+                for list_name in ("initContainers", "containers", "ephemeralContainers"):
+                    for container in spec.get(list_name) or []:
+                        raw = container.get("image")
+                        if not isinstance(raw, str):
+                            continue
+                        try:
+                            reference = images.parse(raw)
+                        except images.InvalidReference:
+                            continue
+                        if self.filter.check(reference) is not None:
+                            continue
+                        observed.setdefault(str(reference), Observation()).add(namespace, now)
+        return observed
+
+    def prepuller_pods(self) -> list[dict[str, Any]]:
+        return list(self._list_json(
+            self.core.list_namespaced_pod, self.settings.namespace,
+            label_selector=f"app.kubernetes.io/name=prewarm,"
+                           f"app.kubernetes.io/component={daemonset.COMPONENT}"))
+
+    def live_daemonsets(self) -> dict[str, dict[str, Any]]:
+        return {ds["metadata"]["name"]: ds for ds in self._list_json(
+            self.apps.list_namespaced_daemon_set, self.settings.namespace,
+            label_selector=f"app.kubernetes.io/component={daemonset.COMPONENT}")}
+
+    # -- one pass ---------------------------------------------------------------------
+    def reconcile_once(self, *, backfill: bool | None = None) -> PassResult:
+        result = PassResult()
+        now = self.clock()
+        observed = self.backfill_observations() if (
+            self.settings.backfill if backfill is None else backfill) else {}
+        pull_failures = failed_pulls(self.prepuller_pods(), self._container_images())
+
+        def prepare(learned: LearnedSet) -> bool:
+            changed = False
+            merged = merge(learned, observed, source="backfill", settings=self.settings)
+            result.backfilled = merged.added
+            changed |= merged.changed
+            result.expired = expire(learned, now=now, ttl=self.settings.image_ttl)
+            changed |= bool(result.expired)
+            by_image = learned.by_image()
+            result.failing = []
+            for image, reason in pull_failures.items():
+                record = by_image.get(image)
+                if record is None or (record.state.startswith("failing")
+                                      and not daemonset.eligible(record, now)):
+                    continue  # unknown, or already left out and backing off
+                record.state = f"failing: {reason}"
+                record.extra["retryAt"] = rfc3339(now + self.settings.failure_backoff)
+                record.extra.pop("warmNodes", None)
+                result.failing.append(image)
+                changed = True
+            for image, shard in daemonset.assign_shards(learned, self.settings).items():
+                by_image[image].extra["shard"] = shard
+                changed = True
+            for record in learned.records.values():
+                if record.state.startswith("failing") and daemonset.eligible(record, now) \
+                        and record.image not in pull_failures:
+                    record.state = "pending"  # back in the DaemonSet for another try
+                    record.extra.pop("retryAt", None)
+                    changed = True
+            return changed
+
+        snapshot = self.store.update(prepare)
+        if result.backfilled:
+            metrics.IMAGES_LEARNED.labels("backfill").inc(len(result.backfilled))
+            logger.info("backfill learned %d images", len(result.backfilled))
+        if result.expired:
+            logger.info("expired %d images not seen for %.0fs", len(result.expired),
+                        self.settings.image_ttl)
+        if result.failing:
+            logger.warning("images failing to pull, left out for %.0fs: %s",
+                           self.settings.failure_backoff, ", ".join(result.failing))
+
+        desired = daemonset.desired_daemonsets(snapshot.learned, self.settings, now=now)
+        result.daemonsets = self.apply(desired)
+        self.update_states(desired)
+        metrics.RECONCILES.labels(result.outcome).inc()
+        return result
+
+    def _container_images(self) -> dict[str, str]:
+        """pull-<hash> -> image for the DaemonSets as they are live."""
+        result: dict[str, str] = {}
+        for ds in self.live_daemonsets().values():
+            for container in ds["spec"]["template"]["spec"].get("initContainers") or []:
+                if container["name"].startswith("pull-"):
+                    result[container["name"]] = container["image"]
+        return result
+
+    def apply(self, desired: list[dict[str, Any]]) -> dict[str, str]:
+        outcomes: dict[str, str] = {}
+        live = self.live_daemonsets()
+        for manifest in desired:
+            name = manifest["metadata"]["name"]
+            current = live.pop(name, None)
+            if current is not None and owned_equal(current, manifest):
+                outcomes[name] = "unchanged"
+                continue
+            self.apps.patch_namespaced_daemon_set(
+                name, self.settings.namespace, manifest, field_manager=FIELD_MANAGER,
+                force=True, _content_type="application/apply-patch+yaml",
+                _request_timeout=TIMEOUT)
+            metrics.API_WRITES.labels("reconciler").inc()
+            outcomes[name] = "created" if current is None else "updated"
+            logger.info("DaemonSet %s %s (%s images)", name, outcomes[name],
+                        manifest["metadata"]["annotations"][daemonset.IMAGE_COUNT_ANNOTATION])
+        for name, leftover in live.items():
+            if leftover["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by") != \
+                    "prewarm" or name == self.settings.daemonset:
+                continue
+            self.apps.delete_namespaced_daemon_set(name, self.settings.namespace,
+                                                   _request_timeout=TIMEOUT)
+            metrics.API_WRITES.labels("reconciler").inc()
+            outcomes[name] = "deleted"
+            logger.info("DaemonSet %s deleted (shard empty)", name)
+        return outcomes
+
+    def update_states(self, desired: list[dict[str, Any]]) -> None:
+        """warm / pending (+ warmNodes) from the prepuller pods' init statuses."""
+        names = daemonset.images_by_container(desired)
+        pods = self.prepuller_pods()
+        scheduled: dict[str, int] = {}
+        for ds in self.live_daemonsets().values():
+            scheduled[ds["metadata"]["name"]] = (ds.get("status") or {}).get(
+                "desiredNumberScheduled", 0)
+        warm_nodes: dict[str, set[str]] = {}
+        shard_of: dict[str, str] = {}
+        for manifest in desired:
+            for container in manifest["spec"]["template"]["spec"]["initContainers"]:
+                shard_of[container["image"]] = manifest["metadata"]["name"]
+        for pod in pods:
+            node = (pod.get("spec") or {}).get("nodeName") or ""
+            for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+                image = names.get(status.get("name", ""))
+                terminated = (status.get("state") or {}).get("terminated")
+                if image and node and terminated and terminated.get("exitCode") == 0:
+                    warm_nodes.setdefault(image, set()).add(node)
+
+        def apply_states(learned: LearnedSet) -> bool:
+            changed = False
+            for record in learned.records.values():
+                if record.state.startswith("failing") or record.image not in shard_of:
+                    continue
+                nodes = len(warm_nodes.get(record.image, ()))
+                wanted = scheduled.get(shard_of[record.image], 0)
+                state = "warm" if wanted and nodes >= wanted else "pending"
+                if record.state != state or record.extra.get("warmNodes", 0) != nodes:
+                    record.state = state
+                    record.extra["warmNodes"] = nodes
+                    changed = True
+            return changed
+
+        self.store.update(apply_states)
+
+
+def failed_pulls(pods: list[dict[str, Any]], containers: dict[str, str]) -> dict[str, str]:
+    """image -> reason, for pull containers waiting with an image-pull failure."""
+    failures: dict[str, str] = {}
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            image = containers.get(status.get("name", ""))
+            if image and waiting.get("reason") in FAILURE_REASONS:
+                failures[image] = waiting["reason"]
+    return failures
+
+
+def owned_equal(live: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """True when the live DaemonSet already carries what we apply: the template hash we
+    stamped and the same pull containers (a hand edit of those is corrected)."""
+    annotations = live["metadata"].get("annotations") or {}
+    if annotations.get(daemonset.HASH_ANNOTATION) != \
+            desired["metadata"]["annotations"][daemonset.HASH_ANNOTATION]:
+        return False
+
+    def pulls(obj: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(c["name"], c["image"]) for c in
+                obj["spec"]["template"]["spec"].get("initContainers") or []]
+
+    return pulls(live) == pulls(desired)
+
+
+# -- leader election ------------------------------------------------------------------
+
+class LeaseElector:
+    """Lease-based leader election (coordination.k8s.io/v1), as client-go does it: the
+    holder renews every lease_duration/3; others take over once it has not been renewed
+    for lease_duration. Updates carry resourceVersion, so two candidates cannot both
+    win a race."""
+
+    def __init__(self, api: client.ApiClient, settings: Settings, identity: str):
+        self.coordination = client.CoordinationV1Api(api)
+        self.settings, self.identity = settings, identity
+        self.duration = max(1, int(settings.lease_duration))
+
+    def try_acquire(self) -> bool:
+        from datetime import datetime, timezone
+
+        now = datetime.now(timezone.utc)
+        name, namespace = self.settings.lease_name, self.settings.namespace
+        try:
+            lease = self.coordination.read_namespaced_lease(name, namespace,
+                                                            _request_timeout=TIMEOUT)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            body = client.V1Lease(metadata=client.V1ObjectMeta(name=name, namespace=namespace),
+                                  spec=client.V1LeaseSpec(
+                                      holder_identity=self.identity,
+                                      lease_duration_seconds=self.duration,
+                                      acquire_time=now, renew_time=now, lease_transitions=0))
+            try:
+                self.coordination.create_namespaced_lease(namespace, body,
+                                                          _request_timeout=TIMEOUT)
+                return True
+            except ApiException as create_error:
+                if create_error.status == 409:
+                    return False
+                raise
+        spec = lease.spec or client.V1LeaseSpec()
+        holder = spec.holder_identity
+        renewed = spec.renew_time
+        expired = renewed is None or (now - renewed).total_seconds() > (
+            spec.lease_duration_seconds or self.duration)
+        if holder and holder != self.identity and not expired:
+            return False
+        if holder != self.identity:
+            spec.acquire_time = now
+            spec.lease_transitions = (spec.lease_transitions or 0) + 1
+        spec.holder_identity = self.identity
+        spec.renew_time = now
+        spec.lease_duration_seconds = self.duration
+        lease.spec = spec
+        try:
+            self.coordination.replace_namespaced_lease(name, namespace, lease,
+                                                       _request_timeout=TIMEOUT)
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+
+# -- the loop ---------------------------------------------------------------------------
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        if self.path == "/metrics":
+            body, content_type = metrics.exposition()
+        elif self.path == "/healthz":
+            body, content_type = b'{"status":"ok"}', "application/json"
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args):
+        pass
+
+
+def _watch_learned(reconciler: Reconciler, trigger: threading.Event,
+                   stop: threading.Event) -> None:
+    """Sets `trigger` on every change of learned-images; re-lists after 410 Gone."""
+    settings = reconciler.settings
+    resource_version = None
+    while not stop.is_set():
+        try:
+            if resource_version is None:
+                resource_version = reconciler.store.read().resource_version
+            stream = watch.Watch().stream(
+                reconciler.core.list_namespaced_config_map, settings.namespace,
+                field_selector=f"metadata.name={settings.configmap}",
+                resource_version=resource_version, timeout_seconds=300)
+            for event in stream:
+                if stop.is_set():
+                    return
+                obj = event["object"]
+                if event["type"] == "ERROR":
+                    resource_version = None  # 410 Gone: start again from a fresh list
+                    break
+                resource_version = obj.metadata.resource_version
+                trigger.set()
+        except ApiException as error:
+            if error.status == 410:
+                resource_version = None
+                continue
+            logger.warning("watch on learned-images failed: %s", error)
+            stop.wait(5)
+        except Exception as error:  # connection errors: retry after a pause
+            logger.warning("watch on learned-images failed: %s", error)
+            resource_version = None
+            stop.wait(5)
+
+
+def run(settings: Settings, *, once: bool = False) -> int:
+    reconciler = Reconciler(settings)
+    if once:
+        try:
+            result = reconciler.reconcile_once()
+        except (StoreUnavailable, ApiException) as error:
+            logger.error("reconcile failed: %s", error)
+            return 1
+        print(json.dumps({"daemonsets": result.daemonsets, "outcome": result.outcome,
+                          "backfilled": len(result.backfilled),
+                          "expired": len(result.expired), "failing": result.failing}))
+        return 0
+    if settings.health_port:
+        server = ThreadingHTTPServer(("0.0.0.0", settings.health_port), _Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    identity = settings.identity or f"{socket.gethostname()}-{os.getpid()}"
+    elector = LeaseElector(reconciler.api, settings, identity)
+    stop, trigger = threading.Event(), threading.Event()
+    threading.Thread(target=_watch_learned, args=(reconciler, trigger, stop), daemon=True,
+                     name="watch-learned-images").start()
+    leading = False
+    last_full = 0.0
+    renew_every = max(1.0, settings.lease_duration / 3)
+    try:
+        while True:
+            try:
+                is_leader = elector.try_acquire()
+            except Exception as error:
+                logger.warning("leader election: %s", error)
+                is_leader = False
+            if is_leader != leading:
+                leading = is_leader
+                logger.info("%s leadership (%s)", "acquired" if leading else "lost", identity)
+                last_full = 0.0
+            if leading:
+                now = time.monotonic()
+                full = now - last_full >= settings.resync_period
+                try:
+                    if full or trigger.is_set():
+                        trigger.clear()
+                        result = reconciler.reconcile_once(backfill=settings.backfill and full)
+                        logger.info("reconciled: %s", result.daemonsets)
+                        if full:
+                            last_full = now
+                    else:
+                        # pod statuses move without a learned-images change
+                        reconciler.reconcile_once(backfill=False)
+                except Exception as error:
+                    logger.warning("reconcile pass failed, retrying: %s", error)
+            trigger.wait(min(renew_every, STATUS_INTERVAL))
+    except KeyboardInterrupt:
+        stop.set()
+        return 0
+
+
+def render(settings: Settings) -> str:
+    """The DaemonSets the reconciler would apply now, as YAML documents."""
+    reconciler = Reconciler(settings)
+    learned = reconciler.store.read().learned
+    manifests = daemonset.desired_daemonsets(learned, settings, now=time.time())
+    return yaml.safe_dump_all(manifests, sort_keys=False)
