@@ -172,7 +172,14 @@ build_kubernetes
 build_go_install kwok "$KWOK_VERSION" "$kwok_dir" sigs.k8s.io/kwok/cmd/kwok \
   "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 install_kwok_stages
+# helm's release builds stamp the Kubernetes version it assumes offline (`helm template`,
+# `helm lint`) from its client-go; without it helm assumes v1.20 and charts requiring a
+# newer kubeVersion refuse to render.
+helm_k8s_minor="$(cd "$cache/src" && go mod download -json "helm.sh/helm/v3@$HELM_VERSION" \
+  | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p' | xargs sed -n 's#^\s*k8s.io/client-go v0\.\([0-9]*\)\..*#\1#p')"
 build_go_install helm "$HELM_VERSION" "$helm_dir" helm.sh/helm/v3/cmd/helm \
-  "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION
+   -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor
+   -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor"
 step "all binaries ready"
 printf '  %s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir"

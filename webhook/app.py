@@ -48,6 +48,17 @@ def _store_factory(settings: Settings):
     return build
 
 
+def _discard(stream, *, limit: int) -> None:
+    """Reads and drops a rejected body (up to `limit`), so the client is done sending
+    and reads our 400 instead of a connection reset."""
+    remaining = limit
+    while remaining > 0:
+        chunk = stream.read(min(65536, remaining))
+        if not chunk:
+            return
+        remaining -= len(chunk)
+
+
 def _error(status: int, message: str) -> tuple[Response, int]:
     return jsonify({"error": message}), status
 
@@ -68,6 +79,7 @@ def create_app(settings: Settings) -> Flask:
         length = request.content_length
         if length is not None and length > settings.max_body_bytes:
             metrics.REVIEWS.labels("", "bad_request").inc()
+            _discard(request.stream, limit=4 * settings.max_body_bytes)
             return _error(400, f"body of {length} bytes is over the limit of "
                                f"{settings.max_body_bytes} bytes")
         if request.mimetype != "application/json":
@@ -77,6 +89,7 @@ def create_app(settings: Settings) -> Flask:
         raw = request.stream.read(settings.max_body_bytes + 1)
         if len(raw) > settings.max_body_bytes:
             metrics.REVIEWS.labels("", "bad_request").inc()
+            _discard(request.stream, limit=3 * settings.max_body_bytes)
             return _error(400, f"body is over the limit of {settings.max_body_bytes} bytes")
         try:
             body: Any = json.loads(raw)
@@ -128,11 +141,11 @@ def create_app(settings: Settings) -> Flask:
         return Response(body, content_type=content_type)
 
     @app.errorhandler(404)
-    def not_found(_error):
+    def not_found(_exc):
         return _error(404, f"no such endpoint: {request.path}")
 
     @app.errorhandler(405)
-    def not_allowed(_error):
+    def not_allowed(_exc):
         return _error(405, f"method {request.method} not allowed on {request.path}")
 
     return app

@@ -1,0 +1,318 @@
+"""The observer end to end: the real API server calls the real gunicorn server over TLS
+through the chart's ValidatingWebhookConfiguration, and images land in learned-images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from hack.controlplane import find_binary
+from tests.support import (Observer, chart_object, eventually, helm_template, learned_images,
+                           new_namespace_name, webhook_for_url)
+from webhook.settings import Settings
+from webhook.store import LearnedImagesStore, Observation, merge
+
+LEARN = {"prewarm.io/learn": "enabled"}
+
+
+class Setup:
+    def __init__(self, cluster, core, release_ns, observer, labelled, unlabelled, webhook):
+        self.cluster, self.core, self.release_ns = cluster, core, release_ns
+        self.observer, self.labelled, self.unlabelled = observer, labelled, unlabelled
+        self.webhook = webhook
+
+    def learned(self) -> dict[str, dict]:
+        return learned_images(self.core, self.release_ns)
+
+    def wait_learned(self, *images: str, timeout: float = 30) -> dict[str, dict]:
+        return eventually(f"{images} in learned-images",
+                          lambda: (lambda got: got if all(i in got for i in images) else None)(
+                              self.learned()), timeout=timeout)
+
+    def sentinel(self) -> str:
+        """Creates a pod with a fresh image in the labelled namespace and waits until it is
+        learned: everything admitted before it has been flushed too."""
+        image = f"sentinel.example.com/probe:{uuid.uuid4().hex[:8]}"
+        self.core.create_namespaced_pod(self.labelled, pod(f"s-{uuid.uuid4().hex[:6]}", image))
+        self.wait_learned(image)
+        return image
+
+
+def pod(name: str, image: str, init_image: str | None = None) -> dict:
+    spec: dict = {"containers": [{"name": "app", "image": image}]}
+    if init_image:
+        spec["initContainers"] = [{"name": "init", "image": init_image}]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+
+
+def deployment(name: str, image: str, replicas: int = 1) -> dict:
+    labels = {"app": name}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": {"containers": [{"name": "app", "image": image}]}}}}
+
+
+@pytest.fixture(scope="module")
+def setup(cluster, core, tmp_path_factory):
+    release_ns = new_namespace_name("prewarm")
+    # Prewarm's own namespace carries the learn label on purpose: it must still be ignored
+    core.create_namespace({"metadata": {"name": release_ns, "labels": LEARN}})
+    labelled, unlabelled = new_namespace_name("learn"), new_namespace_name("quiet")
+    core.create_namespace({"metadata": {"name": labelled, "labels": LEARN}})
+    core.create_namespace({"metadata": {"name": unlabelled}})
+    workdir = tmp_path_factory.mktemp("observer")
+    observer = Observer(cluster, release_ns, workdir)
+    config = chart_object(helm_template(release_ns), "ValidatingWebhookConfiguration")
+    admission = client.AdmissionregistrationV1Api(cluster.api_client())
+    name = f"{release_ns}-observe"
+    admission.create_validating_webhook_configuration(
+        webhook_for_url(config, observer.url, observer.ca, name))
+    state = Setup(cluster, core, release_ns, observer, labelled, unlabelled, name)
+    # the API server picks the configuration up asynchronously: wait until it calls us
+    eventually("webhook active", lambda: _try_sentinel(state), timeout=60, interval=1)
+    yield state
+    admission.delete_validating_webhook_configuration(name)
+    observer.stop()
+    for namespace in (release_ns, labelled, unlabelled):
+        core.delete_namespace(namespace)
+
+
+def _try_sentinel(state: Setup) -> bool:
+    image = f"sentinel.example.com/warmup:{uuid.uuid4().hex[:8]}"
+    state.core.create_namespaced_pod(state.labelled, pod(f"w-{uuid.uuid4().hex[:6]}", image))
+    try:
+        state.wait_learned(image, timeout=3)
+        return True
+    except Exception:
+        return False
+
+
+def test_workloads_and_pods_in_a_labelled_namespace_are_learned_normalized(setup, apps):
+    batch = client.BatchV1Api(setup.cluster.api_client())
+    apps.create_namespaced_deployment(setup.labelled, deployment("web", "nginx:1.27"))
+    batch.create_namespaced_cron_job(setup.labelled, {
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "nightly"},
+        "spec": {"schedule": "0 3 * * *", "jobTemplate": {"spec": {"template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "job", "image": "busybox:1.36"}]}}}}}})
+    setup.core.create_namespaced_pod(setup.labelled, pod(
+        "bare", "ghcr.io/acme/api:v3", init_image="localhost:5000/migrate"))
+
+    learned = setup.wait_learned("docker.io/library/nginx:1.27", "docker.io/library/busybox:1.36",
+                                 "ghcr.io/acme/api:v3", "localhost:5000/migrate:latest")
+    record = learned["docker.io/library/nginx:1.27"]
+    assert record["namespaces"] == [setup.labelled]
+    assert record["source"] == "admission" and record["state"] == "pending"
+    assert record["firstSeen"].endswith("Z") and record["lastSeen"] >= record["firstSeen"]
+    assert "nginx:1.27" not in learned  # only the normalized spelling is recorded
+
+
+def test_unlabelled_namespace_and_own_namespace_record_nothing(setup):
+    quiet, own = "quiet.example.com/never:1", "own.example.com/prewarm-pod:1"
+    setup.core.create_namespaced_pod(setup.unlabelled, pod("q", quiet))
+    setup.core.create_namespaced_pod(setup.release_ns, pod("own", own))
+    setup.sentinel()
+    learned = setup.learned()
+    assert quiet not in learned and "docker.io/quiet.example.com/never:1" not in learned
+    assert own not in learned
+
+
+def test_server_side_dry_run_records_nothing(setup, tmp_path):
+    manifest = tmp_path / "pod.json"
+    manifest.write_text(json.dumps(pod("dry", "dryrun.example.com/only:1")))
+    result = subprocess.run([str(find_binary("kubectl")), "--kubeconfig", str(setup.cluster.kubeconfig),
+                             "create", "--dry-run=server", "-n", setup.labelled, "-f", str(manifest)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "(server dry run)" in result.stdout
+    setup.sentinel()
+    assert "dryrun.example.com/only:1" not in setup.learned()
+
+
+def test_an_image_bump_is_learned_from_the_update_before_any_pod_runs_it(setup, apps):
+    # zero replicas: no pod will ever run the new image, so only the UPDATE can teach it
+    apps.create_namespaced_deployment(setup.labelled, deployment("bump", "app.example.com/svc:1", 0))
+    setup.wait_learned("app.example.com/svc:1")
+    apps.patch_namespaced_deployment("bump", setup.labelled, {"spec": {"template": {"spec": {
+        "containers": [{"name": "app", "image": "app.example.com/svc:2"}]}}}})
+    learned = setup.wait_learned("app.example.com/svc:2")
+    assert learned["app.example.com/svc:2"]["namespaces"] == [setup.labelled]
+
+
+def test_known_images_cause_no_writes(setup):
+    setup.sentinel()
+    writes_before = setup.observer.metric("prewarm_api_writes_total")
+    rv_before = setup.core.read_namespaced_config_map("learned-images", setup.release_ns
+                                                      ).metadata.resource_version
+    for index in range(20):
+        setup.core.create_namespaced_pod(setup.labelled, pod(f"again-{index}", "nginx:1.27"))
+    reviews = setup.observer.metric("prewarm_reviews_total")
+    eventually("20 reviews", lambda: setup.observer.metric("prewarm_reviews_total") >= reviews)
+    # two flush intervals later nothing has been written
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert setup.observer.metric("prewarm_api_writes_total") == writes_before
+    assert setup.core.read_namespaced_config_map("learned-images", setup.release_ns
+                                                 ).metadata.resource_version == rv_before
+
+
+REVIEW = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+          "request": {"uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                      "namespace": "x", "operation": "CREATE",
+                      "object": {"spec": {"containers": [{"name": "a", "image": "nginx"}]}}}}
+
+
+def _review(**request_changes) -> bytes:
+    body = json.loads(json.dumps(REVIEW))
+    for key, value in request_changes.items():
+        if value is None:
+            body["request"].pop(key)
+        else:
+            body["request"][key] = value
+    return json.dumps(body).encode()
+
+
+JSON = {"Content-Type": "application/json"}
+MALFORMED = {
+    "not json": (b"{not json", JSON),
+    "empty body": (b"", JSON),
+    "truncated json": (json.dumps(REVIEW).encode()[:-5], JSON),
+    "json array": (b"[1,2,3]", JSON),
+    "json string": (b'"AdmissionReview"', JSON),
+    "json null": (b"null", JSON),
+    "text/plain content type": (json.dumps(REVIEW).encode(), {"Content-Type": "text/plain"}),
+    "no content type": (json.dumps(REVIEW).encode(), {}),
+    "form content type": (b"a=b", {"Content-Type": "application/x-www-form-urlencoded"}),
+    "over the size limit": (b'{"x":"' + b"a" * (4 * 1024 * 1024) + b'"}', JSON),
+    "wrong kind": (json.dumps({**REVIEW, "kind": "Pod"}).encode(), JSON),
+    "v1beta1 review": (json.dumps({**REVIEW, "apiVersion": "admission.k8s.io/v1beta1"}).encode(), JSON),
+    "no request": (json.dumps({"apiVersion": REVIEW["apiVersion"], "kind": "AdmissionReview"}).encode(), JSON),
+    "no uid": (_review(uid=None), JSON),
+    "empty uid": (_review(uid=""), JSON),
+    "uid is a number": (_review(uid=5), JSON),
+    "no kind": (_review(kind=None), JSON),
+    "unknown kind": (_review(kind={"group": "", "version": "v1", "kind": "Secret"}), JSON),
+    "no object": (_review(object=None), JSON),
+    "object is a string": (_review(object="pod"), JSON),
+    "containers is a dict": (_review(object={"spec": {"containers": {"a": "b"}}}), JSON),
+    "image is a number": (_review(object={"spec": {"containers": [{"image": 1}]}}), JSON),
+    "deeply nested json": (b"[" * 100000 + b"]" * 100000, JSON),
+    "invalid utf-8": (b'{"kind": "\xff\xfe"}', JSON),
+}
+
+
+@pytest.mark.parametrize("body,headers", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_malformed_reviews_get_400_with_a_json_error(setup, body, headers):
+    status, payload = setup.observer.request("POST", "/observe", body, headers)
+    assert status == 400, payload[:300]
+    assert json.loads(payload)["error"]
+    setup.observer.process.alive()
+
+
+def test_server_keeps_answering_well_formed_reviews_after_malformed_ones(setup):
+    for body, headers in list(MALFORMED.values())[:10]:
+        setup.observer.request("POST", "/observe", body, headers)
+    status, payload = setup.observer.request("POST", "/observe", _review(), JSON)
+    assert status == 200
+    assert json.loads(payload)["response"] == {"uid": "u-1", "allowed": True}
+    assert setup.observer.request("GET", "/observe")[0] == 405
+
+
+def test_eight_concurrent_writers_lose_no_image(cluster, core):
+    namespace = new_namespace_name("writers")
+    core.create_namespace({"metadata": {"name": namespace}})
+    settings = Settings(namespace=namespace, max_images=5000, max_images_per_namespace=5000)
+    now = time.time()
+    conflicts = []
+
+    def writer(index: int) -> None:
+        api = client.CoreV1Api(cluster.api_client())
+        store = LearnedImagesStore(api, namespace=namespace, name="learned-images")
+        for batch in range(10):  # 10 flushes of 50 images each, racing the other writers
+            observed = {f"registry.example.com/w{index}/img-{batch * 50 + i}:v1":
+                        Observation({f"team-{index}"}, now, now) for i in range(50)}
+            store.update(lambda learned: merge(learned, observed, source="admission",
+                                               settings=settings).changed)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(writer, range(8)))
+    learned = learned_images(core, namespace)
+    assert len(learned) == 4000
+    assert all(f"registry.example.com/w{w}/img-{i}:v1" in learned
+               for w in range(8) for i in range(500))
+    core.delete_namespace(namespace)
+
+
+def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core, tmp_path):
+    release_ns = new_namespace_name("killed")
+    target = new_namespace_name("learn")
+    core.create_namespace({"metadata": {"name": release_ns}})
+    core.create_namespace({"metadata": {"name": target, "labels": LEARN}})
+    observer = Observer(cluster, release_ns, tmp_path)
+    config = chart_object(helm_template(release_ns), "ValidatingWebhookConfiguration")
+    admission = client.AdmissionregistrationV1Api(cluster.api_client())
+    name = f"{release_ns}-observe"
+    admission.create_validating_webhook_configuration(
+        webhook_for_url(config, observer.url, observer.ca, name))
+    try:
+        def learned_probe() -> bool:
+            image = f"probe.example.com/p:{uuid.uuid4().hex[:6]}"
+            core.create_namespaced_pod(target, pod(f"p-{uuid.uuid4().hex[:6]}", image))
+            return eventually("probe", lambda: image in learned_images(core, release_ns),
+                              timeout=3) if True else False
+
+        eventually("webhook active", lambda: _quiet(learned_probe), timeout=60, interval=1)
+        observer.process.stop(sig=9)
+        started = time.monotonic()
+        created = core.create_namespaced_pod(target, pod("after-kill", "nginx:1.27"))
+        elapsed = time.monotonic() - started
+        assert created.metadata.name == "after-kill"
+        timeout = config["webhooks"][0]["timeoutSeconds"]
+        assert timeout <= 5 and elapsed < timeout + 3
+    finally:
+        admission.delete_validating_webhook_configuration(name)
+        observer.stop()
+        core.delete_namespace(release_ns)
+        core.delete_namespace(target)
+
+
+def _quiet(check) -> bool:
+    try:
+        return bool(check())
+    except Exception:
+        return False
+
+
+def test_images_buffered_while_the_api_server_is_down_are_written_when_it_returns(
+        private_plane, tmp_path):
+    core = client.CoreV1Api(private_plane.api_client())
+    core.create_namespace({"metadata": {"name": "prewarm"}})
+    observer = Observer(private_plane, "prewarm", tmp_path)
+    try:
+        private_plane.stop_apiserver()
+        images = [f"outage.example.com/img-{i}:1" for i in range(30)]
+        for index, image in enumerate(images):
+            body = json.loads(_review(uid=f"u-{index}", namespace="team",
+                                      object={"spec": {"containers": [{"image": image}]}}))
+            status, payload = observer.request("POST", "/observe", json.dumps(body).encode(), JSON)
+            assert status == 200 and json.loads(payload)["response"]["allowed"] is True
+        eventually("a failed flush", lambda: observer.metric('prewarm_flushes_total{result="error"}') >= 1
+                   or observer.get("/readyz")[1].find(b'"lastFlushError":""') == -1, timeout=30)
+        private_plane.restart_apiserver()
+        core = client.CoreV1Api(private_plane.api_client())
+        learned = eventually("buffered images written after the outage",
+                             lambda: (lambda got: got if all(i in got for i in images) else None)(
+                                 learned_images(core, "prewarm")), timeout=60)
+        assert learned[images[0]]["namespaces"] == ["team"]
+        assert observer.metric("prewarm_images_dropped_total") == 0
+    finally:
+        observer.stop()
