@@ -1,0 +1,174 @@
+{{/*
+Chart name, overridable with nameOverride. Cut to 63 characters (a label value).
+*/}}
+{{- define "prewarm.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Full name used for the release's objects: fullnameOverride, else the release name when
+it already contains the chart name, else "<release>-<chart>". Cut to 63 characters
+because it is also the Service name, a DNS-1035 label.
+*/}}
+{{- define "prewarm.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"<name>-<version>" for the helm.sh/chart label.
+*/}}
+{{- define "prewarm.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Selector labels: only the ones that never change over the release's life, because a
+Deployment's selector is immutable. Call with (dict "context" $ "component" "observer").
+*/}}
+{{- define "prewarm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "prewarm.name" .context }}
+app.kubernetes.io/instance: {{ .context.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/*
+Labels common to every object but the component: version, manager and chart.
+*/}}
+{{- define "prewarm.commonLabels" -}}
+app.kubernetes.io/version: {{ .Chart.AppVersion | replace "+" "_" | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ include "prewarm.chart" . }}
+{{- end -}}
+
+{{/*
+Full label set of an object. Call with (dict "context" $ "component" "observer").
+*/}}
+{{- define "prewarm.labels" -}}
+{{ include "prewarm.selectorLabels" . }}
+{{ include "prewarm.commonLabels" .context }}
+{{- end -}}
+
+{{/*
+Object names derived from the full name.
+*/}}
+{{- define "prewarm.serviceName" -}}
+{{- include "prewarm.fullname" . -}}
+{{- end -}}
+
+{{- define "prewarm.tlsSecretName" -}}
+{{- printf "%s-tls" (include "prewarm.fullname" .) -}}
+{{- end -}}
+
+{{- define "prewarm.caName" -}}
+{{- printf "%s-ca" (include "prewarm.fullname" .) -}}
+{{- end -}}
+
+{{- define "prewarm.validatingWebhookName" -}}
+{{- printf "%s-observe" (include "prewarm.fullname" .) -}}
+{{- end -}}
+
+{{- define "prewarm.mutatingWebhookName" -}}
+{{- printf "%s-mutate" (include "prewarm.fullname" .) -}}
+{{- end -}}
+
+{{/*
+ServiceAccount names, one identity per component.
+*/}}
+{{- define "prewarm.serviceAccountName.observer" -}}
+{{- if .Values.observer.serviceAccount.create -}}
+{{- default (printf "%s-observer" (include "prewarm.fullname" .)) .Values.observer.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.observer.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "prewarm.serviceAccountName.reconciler" -}}
+{{- if .Values.reconciler.serviceAccount.create -}}
+{{- default (printf "%s-reconciler" (include "prewarm.fullname" .)) .Values.reconciler.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.reconciler.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "prewarm.serviceAccountName.certs" -}}
+{{- printf "%s-certs" (include "prewarm.fullname" .) -}}
+{{- end -}}
+
+{{/*
+Prewarm's own image reference (also the reconciler's PREWARM_HELPER_IMAGE).
+*/}}
+{{- define "prewarm.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Namespaces the webhooks never call the observer for: the control plane's own, the
+release namespace (Prewarm never learns its own pods) and learning.excludeNamespaces.
+*/}}
+{{- define "prewarm.excludedNamespaces" -}}
+{{- $excluded := concat (list "kube-system" "kube-node-lease" .Release.Namespace) .Values.learning.excludeNamespaces | uniq -}}
+{{- toYaml $excluded -}}
+{{- end -}}
+
+{{/*
+Environment shared by the observer and the reconciler: where the state lives, logging,
+and the learned-set settings (both writers must agree on what may be learned).
+*/}}
+{{- define "prewarm.commonEnv" -}}
+- name: PREWARM_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: PREWARM_CONFIGMAP
+  value: {{ .Values.learnedImagesConfigMap | quote }}
+- name: PREWARM_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+- name: PREWARM_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+- name: PREWARM_ALLOW
+  value: {{ join "," .Values.learning.allow | quote }}
+- name: PREWARM_DENY
+  value: {{ join "," .Values.learning.deny | quote }}
+- name: PREWARM_MAX_IMAGES
+  value: {{ .Values.learning.maxImages | int64 | quote }}
+- name: PREWARM_MAX_IMAGES_PER_NAMESPACE
+  value: {{ .Values.learning.maxImagesPerNamespace | int64 | quote }}
+- name: PREWARM_IMAGE_TTL
+  value: {{ .Values.learning.imageTTL | quote }}
+- name: PREWARM_EXCLUDE_NAMESPACES
+  value: {{ join "," .Values.learning.excludeNamespaces | quote }}
+{{- end -}}
+
+{{/*
+Volumes every Prewarm container needs with a read-only root filesystem.
+*/}}
+{{- define "prewarm.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    medium: Memory
+    sizeLimit: 64Mi
+{{- end -}}
+
+{{/*
+Comma-separated names of prepuller.imagePullSecrets (PREWARM_IMAGE_PULL_SECRETS).
+*/}}
+{{- define "prewarm.prepullerPullSecretNames" -}}
+{{- $names := list -}}
+{{- range .Values.prepuller.imagePullSecrets -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- join "," $names -}}
+{{- end -}}

@@ -1,0 +1,584 @@
+"""The Helm chart (deploy/helm/prewarm), rendered by the real helm binary, no cluster.
+
+What a user would notice if these broke: a typo in their values silently ignored, the
+webhook observing the wrong namespaces or blocking admission, pods refused by the
+`restricted` Pod Security Standard, more RBAC than the design allows, a certificate the
+API server rejects, or learned data wiped by an upgrade.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from webhook import settings as prewarm_settings
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "helm" / "prewarm"
+RELEASE = "prewarm"
+NAMESPACE = "prewarm-system"
+JOB_MODE = ["--set", "certs.mode=job", "--set", "mutate.enabled=true"]
+
+POD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "Job", "Pod"}
+RECOMMENDED_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/component",
+    "helm.sh/chart",
+)
+
+
+# -- running helm ---------------------------------------------------------------------------
+
+@functools.cache
+def helm() -> str:
+    """The helm binary built by hack/build-binaries.sh (4th line of --print-dirs)."""
+    script = REPO / "hack" / "build-binaries.sh"
+    dirs = subprocess.run(["bash", str(script), "--print-dirs"], check=True,
+                          capture_output=True, text=True).stdout.splitlines()
+    binary = Path(dirs[3]) / "helm"
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"helm not found at {binary}: build it with hack/build-binaries.sh "
+                    "(the chart tests need the real helm to render and lint the chart)")
+    return str(binary)
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+    # A private helm home: the user's repositories and plugins play no part here.
+    home = os.path.join(tempfile.gettempdir(), "prewarm-test-helm-home")
+    env = {**os.environ, "HELM_CACHE_HOME": home, "HELM_CONFIG_HOME": home,
+           "HELM_DATA_HOME": home}
+    return subprocess.run([helm(), *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@functools.cache
+def _render(extra: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+    result = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *extra)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def render(*extra: str) -> list[dict[str, Any]]:
+    return list(_render(tuple(extra)))
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict]:
+    return [o for o in objects
+            if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict:
+    found = find(objects, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    if obj["kind"] == "Pod":
+        return obj["spec"]
+    return obj["spec"]["template"]["spec"]
+
+
+def containers(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = pod_spec(obj)
+    yield from spec.get("initContainers") or []
+    yield from spec["containers"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+# Every optional branch of the templates at once.
+EVERYTHING = (*JOB_MODE, "--set", "metrics.scrapeAnnotations=true",
+              "--set", "imagePullSecrets[0].name=regcred",
+              "--set", "extraEnv[0].name=PREWARM_FAILURE_BACKOFF",
+              "--set", "extraEnv[0].value=1h",
+              "--set", "observer.tolerations[0].operator=Exists",
+              "--set", "observer.nodeSelector.pool=system",
+              "--set", "observer.priorityClassName=system-cluster-critical",
+              "--set", "observer.podAnnotations.team=platform",
+              "--set", "reconciler.replicas=2",
+              "--set", "reconciler.podLabels.team=platform",
+              "--set", "prepuller.priorityClassName=low",
+              "--set", "image.digest=sha256:" + "ab" * 32,
+              "--set", "logFormat=json")
+
+MODES = pytest.mark.parametrize("extra", [(), tuple(JOB_MODE), EVERYTHING],
+                                ids=["cert-manager", "job", "everything"])
+
+
+# -- lint and schema ------------------------------------------------------------------------
+
+@MODES
+def test_lint_strict_is_clean(extra: tuple[str, ...]) -> None:
+    result = run_helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *extra)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "[ERROR]" not in output and "[WARNING]" not in output, output
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("observer.replica=3", "replica"),
+    ("learning.maxImage=1", "maxImage"),
+    ("reconciler.resources.request.cpu=1", "request"),
+    ("certs.mode=selfsigned", "mode"),
+    ("webhook.timeoutSeconds=10", "timeoutSeconds"),
+    ("webhook.failurePolicy=Maybe", "failurePolicy"),
+    ("learning.maxImages=0", "maxImages"),
+    ("prepuller.resyncPeriod=soon", "resyncPeriod"),
+])
+def test_schema_rejects_bad_values_naming_them(setting: str, named: str) -> None:
+    for command in ("lint", "template"):
+        args = [command, str(CHART), "--set", setting]
+        if command == "lint":
+            args.insert(1, "--strict")
+        else:
+            args.insert(1, RELEASE)
+        result = run_helm(*args)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, f"helm {command} accepted --set {setting}"
+        assert named in output, output
+
+
+# Values whose content is Kubernetes' own schema (documented by the key above them).
+PASS_THROUGH = {"resources", "nodeSelector", "podSecurityContext", "containerSecurityContext"}
+
+
+def test_every_value_is_documented_with_a_comment() -> None:
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing keys
+    previous = ""
+    for number, line in enumerate((CHART / "values.yaml").read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith("#"):
+            previous = stripped
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if stripped.startswith("- ") or ":" not in stripped:
+            previous = stripped
+            continue
+        key = stripped.split(":", 1)[0]
+        if not any(parent in PASS_THROUGH for _, parent in stack):
+            assert previous.startswith("#"), (
+                f"values.yaml:{number}: {key!r} has no comment above it")
+        stack.append((indent, key))
+        previous = stripped
+
+
+# -- the ValidatingWebhookConfiguration ----------------------------------------------------
+
+def test_validating_webhook_is_exactly_the_designed_one() -> None:
+    objects = render("--set", "learning.excludeNamespaces={team-infra,monitoring}")
+    config = one(objects, "ValidatingWebhookConfiguration", f"{RELEASE}-observe")
+    assert len(config["webhooks"]) == 1
+    hook = config["webhooks"][0]
+    assert hook["name"] == "observe.prewarm.io"
+    assert hook["clientConfig"]["service"] == {
+        "name": RELEASE, "namespace": NAMESPACE, "path": "/observe", "port": 443}
+    assert "url" not in hook["clientConfig"]
+    rules = {(tuple(r["apiGroups"]), tuple(r["apiVersions"]), tuple(r["operations"]),
+              tuple(r["resources"]), r["scope"]) for r in hook["rules"]}
+    assert rules == {
+        (("",), ("v1",), ("CREATE",), ("pods",), "Namespaced"),
+        (("apps",), ("v1",), ("CREATE", "UPDATE"),
+         ("deployments", "statefulsets", "daemonsets", "replicasets"), "Namespaced"),
+        (("",), ("v1",), ("CREATE", "UPDATE"), ("replicationcontrollers",), "Namespaced"),
+        (("batch",), ("v1",), ("CREATE", "UPDATE"), ("jobs", "cronjobs"), "Namespaced"),
+    }
+    assert hook["namespaceSelector"] == {"matchExpressions": [
+        {"key": "prewarm.io/learn", "operator": "In", "values": ["enabled"]},
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+         "values": ["kube-system", "kube-node-lease", NAMESPACE, "team-infra", "monitoring"]},
+    ]}
+    assert "objectSelector" not in hook
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "NoneOnDryRun"
+    assert hook["timeoutSeconds"] == 2
+    assert hook["matchPolicy"] == "Equivalent"
+    assert hook["admissionReviewVersions"] == ["v1"]
+
+
+def test_release_namespace_is_excluded_once_even_if_listed() -> None:
+    objects = render("--set", f"learning.excludeNamespaces={{{NAMESPACE},kube-system}}")
+    hook = one(objects, "ValidatingWebhookConfiguration")["webhooks"][0]
+    values = hook["namespaceSelector"]["matchExpressions"][1]["values"]
+    assert values == ["kube-system", "kube-node-lease", NAMESPACE]
+
+
+def test_mutating_webhook_is_off_by_default_and_narrow_when_on() -> None:
+    assert not find(render(), "MutatingWebhookConfiguration")
+    objects = render("--set", "mutate.enabled=true")
+    config = one(objects, "MutatingWebhookConfiguration", f"{RELEASE}-mutate")
+    (hook,) = config["webhooks"]
+    assert hook["clientConfig"]["service"]["path"] == "/mutate"
+    assert [(r["apiGroups"], r["resources"], r["operations"]) for r in hook["rules"]] == [
+        ([""], ["pods"], ["CREATE"])]
+    expressions = hook["namespaceSelector"]["matchExpressions"]
+    assert {"key": "prewarm.io/learn", "operator": "In", "values": ["enabled"]} in expressions
+    assert {"key": "prewarm.io/pull-policy", "operator": "In",
+            "values": ["IfNotPresent"]} in expressions
+    assert hook["reinvocationPolicy"] == "Never"
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "None"
+    assert hook["admissionReviewVersions"] == ["v1"]
+
+
+# -- labels and pod security ---------------------------------------------------------------
+
+@MODES
+def test_every_object_carries_the_recommended_labels(extra: tuple[str, ...]) -> None:
+    for obj in render(*extra):
+        labels = obj["metadata"].get("labels") or {}
+        missing = [key for key in RECOMMENDED_LABELS if not labels.get(key)]
+        assert not missing, f"{obj['kind']}/{obj['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/name"] == "prewarm"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        # The pre-pull DaemonSet's content is the reconciler's (which labels it so).
+        manager = "prewarm" if obj["kind"] == "DaemonSet" else "Helm"
+        assert labels["app.kubernetes.io/managed-by"] == manager
+
+
+@MODES
+def test_every_container_runs_restricted(extra: tuple[str, ...]) -> None:
+    workloads = [o for o in render(*extra) if o["kind"] in POD_KINDS]
+    assert {o["kind"] for o in workloads} >= {"Deployment", "DaemonSet", "Pod"}
+    for obj in workloads:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        pod_sc = pod_spec(obj).get("securityContext") or {}
+        for container in containers(obj):
+            sc = container.get("securityContext") or {}
+            what = f"{where} container {container['name']}"
+            assert sc.get("allowPrivilegeEscalation") is False, what
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], what
+            assert not sc.get("capabilities", {}).get("add"), what
+            assert sc.get("privileged") in (None, False), what
+            assert sc.get("readOnlyRootFilesystem") is True, what
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, what
+            uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+            assert isinstance(uid, int) and uid > 0, what
+            seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile")) or {}
+            assert seccomp.get("type") == "RuntimeDefault", what
+        assert not pod_spec(obj).get("hostNetwork"), where
+        assert not pod_spec(obj).get("hostPID"), where
+
+
+def assert_subset(chart: Any, desired: Any, path: str) -> None:
+    """Every field the chart sets has the reconciler's value (lists of named items are
+    matched by name, as a strategic merge does)."""
+    if isinstance(chart, dict):
+        assert isinstance(desired, dict), f"{path}: {chart!r} vs {desired!r}"
+        for key, value in chart.items():
+            assert key in desired, f"{path}.{key} is set by the chart, not by the reconciler"
+            assert_subset(value, desired[key], f"{path}.{key}")
+    elif isinstance(chart, list) and chart and all(
+            isinstance(item, dict) and "name" in item for item in chart):
+        by_name = {item["name"]: item for item in desired}
+        for item in chart:
+            assert item["name"] in by_name, f"{path}[{item['name']}] not in the reconciler's"
+            assert_subset(item, by_name[item["name"]], f"{path}[{item['name']}]")
+    else:
+        assert chart == desired, f"{path}: chart {chart!r} != reconciler {desired!r}"
+
+
+@pytest.mark.parametrize("extra", [(), (
+    "--set", "prepuller.runAsUser=1000", "--set", "prepuller.maxUnavailable=2",
+    "--set", "prepuller.priorityClassName=low", "--set", "prepuller.tolerations[0].operator=Exists",
+    "--set", "prepuller.nodeSelector.pool=gpu", "--set", "daemonSetName=warm",
+    "--set", "prepuller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+             ".nodeSelectorTerms[0].matchExpressions[0].key=gpu",
+    "--set", "prepuller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+             ".nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+)], ids=["defaults", "custom"])
+def test_placeholder_daemonset_is_what_the_reconciler_applies(extra: tuple[str, ...]) -> None:
+    """`helm upgrade` resets the fields the chart sets; they must equal the reconciler's
+    for an empty learned set, or every upgrade would revert them and roll the pods."""
+    from webhook import daemonset as prewarm_daemonset
+    from webhook import store as prewarm_store
+
+    objects = render(*extra)
+    (placeholder,) = find(objects, "DaemonSet")
+    reconciler = one(objects, "Deployment", f"{RELEASE}-reconciler")
+    environ = {k: v for k, v in env_of(pod_spec(reconciler)["containers"][0]).items()
+               if isinstance(v, str)}
+    parsed = prewarm_settings.load(environ={**environ, "PREWARM_NAMESPACE": NAMESPACE})
+    (desired,) = prewarm_daemonset.desired_daemonsets(prewarm_store.LearnedSet(), parsed, now=0)
+    assert placeholder["metadata"]["name"] == desired["metadata"]["name"]
+    assert placeholder["metadata"]["namespace"] == desired["metadata"]["namespace"]
+    assert desired["metadata"]["labels"].items() <= placeholder["metadata"]["labels"].items()
+    assert_subset(placeholder["spec"], desired["spec"], "spec")
+    assert placeholder["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_placeholder_selector_ignores_name_override() -> None:
+    selector = {"app.kubernetes.io/name": "prewarm",
+                "app.kubernetes.io/component": "prepuller",
+                "prewarm.io/daemonset": "prewarm-images"}
+    for extra in ((), ("--set", "nameOverride=warm")):
+        daemonset = one(render(*extra), "DaemonSet")
+        assert daemonset["spec"]["selector"] == {"matchLabels": selector}
+        assert pod_spec(daemonset)["automountServiceAccountToken"] is False
+
+
+def test_learned_images_and_lease_are_precreated_and_data_is_kept() -> None:
+    objects = render()
+    configmap = one(objects, "ConfigMap", "learned-images")
+    assert configmap["data"] == {}
+    assert configmap["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    lease = one(objects, "Lease", "prewarm-reconciler")
+    assert lease["apiVersion"] == "coordination.k8s.io/v1"
+    assert lease["metadata"]["namespace"] == NAMESPACE
+
+
+# -- the Deployments -------------------------------------------------------------------------
+
+def test_observer_deployment() -> None:
+    objects = render()
+    deployment = one(objects, "Deployment", f"{RELEASE}-observer")
+    assert deployment["spec"]["replicas"] == 2
+    spec = pod_spec(deployment)
+    (container,) = spec["containers"]
+    assert container["args"] == ["serve"] and "command" not in container
+    env = env_of(container)
+    assert env["PREWARM_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["PREWARM_PORT"] == "8443"
+    assert env["PREWARM_TLS_CERT_FILE"] == "/tls/tls.crt"
+    assert env["PREWARM_TLS_KEY_FILE"] == "/tls/tls.key"
+    assert env["PREWARM_CONFIGMAP"] == "learned-images"
+    assert env["PREWARM_WORKERS"] == "2" and env["PREWARM_THREADS"] == "8"
+    assert env["PREWARM_MAX_IMAGES"] == "5000" and env["PREWARM_IMAGE_TTL"] == "30d"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    # A directory mount: with subPath the kubelet never updates renewed certificates.
+    assert "subPath" not in mounts["/tls"] and mounts["/tls"]["readOnly"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    secret = volumes[mounts["/tls"]["name"]]["secret"]
+    assert secret["secretName"] == f"{RELEASE}-tls"
+    # The serving pair only, never the CA key the job mode stores beside it.
+    assert {item["key"] for item in secret["items"]} == {"tls.crt", "tls.key"}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert (get["path"], get["scheme"]) == (path, "HTTPS")
+        assert get["port"] in (8443, "https")
+    assert {"name": "https", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
+    anti = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    # One replica: a PDB of minAvailable 1 would block every drain.
+    assert not find(render("--set", "observer.replicas=1"), "PodDisruptionBudget")
+
+
+def test_reconciler_deployment() -> None:
+    objects = render(
+        "--set", "prepuller.tolerations[0].operator=Exists",
+        "--set", "prepuller.imagePullSecrets[0].name=regcred",
+        "--set", "prepuller.imagePullSecrets[1].name=other",
+        "--set", "learning.allow={ghcr.io/acme,docker.io/library}",
+        "--set", "image.tag=1.2.3")
+    deployment = one(objects, "Deployment", f"{RELEASE}-reconciler")
+    assert deployment["spec"]["replicas"] == 1
+    (container,) = pod_spec(deployment)["containers"]
+    assert container["args"] == ["reconcile"]
+    env = env_of(container)
+    observer = one(objects, "Deployment", f"{RELEASE}-observer")
+    (observer_container,) = pod_spec(observer)["containers"]
+    assert env["PREWARM_HELPER_IMAGE"] == container["image"] == observer_container["image"]
+    assert container["image"] == "ghcr.io/prewarm/prewarm:1.2.3"
+    assert env["PREWARM_DAEMONSET"] == "prewarm-images"
+    assert env["PREWARM_LEASE_NAME"] == "prewarm-reconciler"
+    assert env["PREWARM_HEALTH_PORT"] == "8081"
+    assert env["PREWARM_IMAGE_PULL_SECRETS"] == "regcred,other"
+    assert env["PREWARM_ALLOW"] == "ghcr.io/acme,docker.io/library"
+    assert env["PREWARM_MAX_UNAVAILABLE"] == "10%"
+    # The JSON variables parse the way the reconciler's settings parse them.
+    parsed = prewarm_settings.load(environ={k: v for k, v in env.items() if isinstance(v, str)})
+    assert parsed.node_selector == {"kubernetes.io/os": "linux"}
+    assert parsed.tolerations == [{"operator": "Exists"}]
+    assert parsed.affinity == {}
+    assert parsed.image_pull_secrets == ("regcred", "other")
+    assert parsed.allow == ("ghcr.io/acme", "docker.io/library")
+    assert parsed.resync_period == 300 and parsed.image_ttl == 30 * 86400
+    get = container["livenessProbe"]["httpGet"]
+    assert (get["path"], get["scheme"]) == ("/healthz", "HTTP")
+    assert get["port"] in (8081, "health")
+
+
+@MODES
+def test_every_prewarm_variable_is_a_setting(extra: tuple[str, ...]) -> None:
+    """The chart may only set variables the FIELDS table defines (no silent drift)."""
+    known = {spec.env for spec in prewarm_settings.FIELDS}
+    for obj in render(*extra):
+        if obj["kind"] not in POD_KINDS:
+            continue
+        for container in containers(obj):
+            unknown = {name for name in env_of(container)
+                       if name.startswith("PREWARM_") and name not in known}
+            assert not unknown, f"{obj['metadata']['name']}: {sorted(unknown)}"
+
+
+def test_service_selects_observer_pods_only() -> None:
+    objects = render()
+    service = one(objects, "Service", RELEASE)
+    assert service["spec"]["ports"] == [
+        {"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}]
+    selector = service["spec"]["selector"].items()
+    for deployment in find(objects, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"].items()
+        selected = selector <= labels
+        assert selected == deployment["metadata"]["name"].endswith("-observer")
+
+
+def test_names_fit_in_63_characters() -> None:
+    long_release = "a-very-long-release-name-for-prewarm-in-a-test-xxxxx"  # 52 characters
+    result = run_helm("template", long_release, str(CHART), "--namespace", NAMESPACE,
+                      "--set", "nameOverride=another-rather-long-chart-name")
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    (service,) = find(objects, "Service")
+    assert len(service["metadata"]["name"]) <= 63
+    for obj in objects:
+        for value in (obj["metadata"].get("labels") or {}).values():
+            assert len(value) <= 63
+
+
+# -- RBAC ------------------------------------------------------------------------------------
+
+def rules_by_role(objects: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict]]:
+    return {(o["kind"], o["metadata"]["name"]): o["rules"]
+            for o in objects if o["kind"] in ("Role", "ClusterRole")}
+
+
+@MODES
+def test_rbac_has_no_wildcards(extra: tuple[str, ...]) -> None:
+    for (kind, name), rules in rules_by_role(render(*extra)).items():
+        for rule in rules:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert "*" not in rule.get(field, []), f"{kind}/{name}: {rule}"
+                assert not any("*" in item for item in rule.get(field, [])), rule
+            assert "nonResourceURLs" not in rule
+
+
+def test_rbac_is_least_privilege_in_cert_manager_mode() -> None:
+    objects = render()
+    roles = rules_by_role(objects)
+    for rules in roles.values():
+        for rule in rules:
+            assert "secrets" not in rule["resources"], rule
+    assert roles[("Role", f"{RELEASE}-observer")] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["learned-images"],
+         "verbs": ["get", "update", "patch"]}]
+    assert roles[("Role", f"{RELEASE}-reconciler")] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["learned-images"],
+         "verbs": ["get", "list", "watch", "update", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["daemonsets"],
+         "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": ["prewarm-reconciler"], "verbs": ["get", "update", "patch"]},
+    ]
+    assert roles[("ClusterRole", f"{RELEASE}-reconciler")] == [
+        {"apiGroups": [""], "resources": ["namespaces", "pods"],
+         "verbs": ["get", "list", "watch"]}]
+    assert set(roles) == {("Role", f"{RELEASE}-observer"), ("Role", f"{RELEASE}-reconciler"),
+                          ("ClusterRole", f"{RELEASE}-reconciler")}
+    # Each binding grants its role to that component's ServiceAccount only.
+    for binding in find(objects, "RoleBinding") + find(objects, "ClusterRoleBinding"):
+        (subject,) = binding["subjects"]
+        assert subject == {"kind": "ServiceAccount", "name": binding["roleRef"]["name"],
+                           "namespace": NAMESPACE}
+
+
+def test_rbac_of_the_certificate_job() -> None:
+    roles = rules_by_role(render(*JOB_MODE))
+    secret_rules = [(key, rule) for key, rules in roles.items() for rule in rules
+                    if "secrets" in rule["resources"]]
+    assert {key for key, _ in secret_rules} == {("Role", f"{RELEASE}-certs")}
+    for _, rule in secret_rules:
+        if rule.get("resourceNames"):
+            assert rule["resourceNames"] == [f"{RELEASE}-tls"]
+        else:  # create cannot be restricted by name; nothing else may be unrestricted
+            assert rule["verbs"] == ["create"]
+    webhooks = roles[("ClusterRole", f"{RELEASE}-certs")]
+    assert {(r["resources"][0], tuple(r["resourceNames"])) for r in webhooks} == {
+        ("validatingwebhookconfigurations", (f"{RELEASE}-observe",)),
+        ("mutatingwebhookconfigurations", (f"{RELEASE}-mutate",)),
+    }
+    for rule in webhooks:
+        assert set(rule["verbs"]) <= {"get", "update", "patch"}
+
+
+# -- certificates ---------------------------------------------------------------------------
+
+def test_cert_manager_mode() -> None:
+    objects = render("--set", "mutate.enabled=true")
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        annotations = one(objects, kind)["metadata"]["annotations"]
+        assert annotations["cert-manager.io/inject-ca-from"] == f"{NAMESPACE}/{RELEASE}-tls"
+    serving = one(objects, "Certificate", f"{RELEASE}-tls")
+    assert serving["spec"]["secretName"] == f"{RELEASE}-tls"
+    service = one(objects, "Service")["metadata"]["name"]
+    assert {service, f"{service}.{NAMESPACE}",
+            f"{service}.{NAMESPACE}.svc"} <= set(serving["spec"]["dnsNames"])
+    issuer = one(objects, "Issuer", serving["spec"]["issuerRef"]["name"])
+    ca = one(objects, "Certificate", f"{RELEASE}-ca")
+    assert ca["spec"]["isCA"] is True
+    assert issuer["spec"]["ca"]["secretName"] == ca["spec"]["secretName"]
+    selfsigned = one(objects, "Issuer", ca["spec"]["issuerRef"]["name"])
+    assert selfsigned["spec"] == {"selfSigned": {}}
+    assert ca["spec"]["privateKey"]["algorithm"] == "ECDSA"
+    assert not find(objects, "Job")
+
+
+def test_job_mode() -> None:
+    objects = render(*JOB_MODE)
+    assert not find(objects, "Certificate") and not find(objects, "Issuer")
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        config = one(objects, kind)
+        assert "cert-manager.io/inject-ca-from" not in (
+            config["metadata"].get("annotations") or {})
+    jobs = {j["metadata"]["annotations"]["helm.sh/hook"]: j for j in find(objects, "Job")}
+    assert set(jobs) == {"pre-install,pre-upgrade", "post-install,post-upgrade"}
+    common = ["secret", "--namespace", NAMESPACE, "--name", f"{RELEASE}-tls",
+              "--service", RELEASE]
+    for hook, job in jobs.items():
+        (container,) = pod_spec(job)["containers"]
+        assert container["command"] == ["python", "-m", "certs"]
+        webhooks = [] if hook.startswith("pre-") else [
+            "--validating-webhook", f"{RELEASE}-observe",
+            "--mutating-webhook", f"{RELEASE}-mutate"]
+        assert container["args"] == common + webhooks + ["--days", "365", "--ca-days", "3650"]
+        assert "hook-succeeded" in job["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    # The Job's identity exists before the Jobs run, in both phases.
+    for obj in objects:
+        if obj["kind"] in ("ServiceAccount", "Role", "RoleBinding", "ClusterRole",
+                           "ClusterRoleBinding") and obj["metadata"]["name"].endswith("-certs"):
+            annotations = obj["metadata"]["annotations"]
+            assert set(annotations["helm.sh/hook"].split(",")) == {
+                "pre-install", "pre-upgrade", "post-install", "post-upgrade"}
+            assert int(annotations["helm.sh/hook-weight"]) < 0
+
+
+def test_helm_test_pod_verifies_tls_against_the_ca() -> None:
+    pod = one(render(), "Pod", f"{RELEASE}-test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    script = container["args"][0]
+    assert f"https://{RELEASE}.{NAMESPACE}.svc" in script
+    assert "cafile=\"/tls/ca.crt\"" in script
+    compile(script, "helm-test", "exec")  # the inline script is valid Python
+    (tls,) = [v for v in pod["spec"]["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == f"{RELEASE}-tls"
