@@ -459,7 +459,7 @@ class ControlPlane:
 
 
 def start(*, nodes: int = 0, controllers: bool | None = None, workdir: Path | None = None,
-          timeout: float = 90) -> ControlPlane:
+          timeout: float = 90, extra_apiserver_args: list[str] | None = None) -> ControlPlane:
     """Starts etcd + kube-apiserver (and, with `nodes` or `controllers`, the
     controller-manager, the scheduler and kwok with `nodes` fake nodes). On any failure
     everything already started is stopped before the error propagates."""
@@ -474,7 +474,7 @@ def start(*, nodes: int = 0, controllers: bool | None = None, workdir: Path | No
     try:
         plane._write_pki()
         plane.start_etcd(timeout)
-        plane.start_apiserver(timeout)
+        plane.start_apiserver(timeout, extra_args=extra_apiserver_args)
         if controllers or (controllers is None and nodes):
             plane.start_controllers(timeout)
             plane.start_kwok()

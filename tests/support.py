@@ -21,9 +21,13 @@ def eventually(what: str, check: Callable[[], object], timeout: float = 30,
 
 
 class Process:
-    """A child process with its output in a log file, stopped at teardown."""
+    """A child process with its output in a log file, stopped at teardown (and, as a
+    safety net, by the session fixture `no_leftover_processes`)."""
+
+    started: list["Process"] = []
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path):
+        Process.started.append(self)
         self.log = log
         self._out = open(log, "wb")
         self.popen = subprocess.Popen(argv, env=env, stdout=self._out, stderr=subprocess.STDOUT,
@@ -38,13 +42,20 @@ class Process:
                                  f"{self.output()[-3000:]}")
 
     def stop(self, sig: int = 15, timeout: float = 20) -> None:
-        if self.popen.poll() is None:
+        """Signals the whole process group (gunicorn's workers too) and waits."""
+        try:
             os.killpg(self.popen.pid, sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, 9)
-                self.popen.wait(timeout)
+            self.popen.wait(timeout)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, 9)
+            self.popen.wait(timeout)
+        # workers orphaned by a killed master are still in the group
+        try:
+            os.killpg(self.popen.pid, 9)
+        except ProcessLookupError:
+            pass
         self._out.close()
 
 

@@ -181,7 +181,7 @@ def review(body: Any, *, excluded_namespaces: frozenset[str] = frozenset(),
         except images.InvalidReference as error:
             rejected.append((raw, error.reason))
             continue
-        reason = image_filter.check(reference) if image_filter is not None else None
+        reason = image_filter.check(reference) if image_filter else None
         if reason is not None:
             filtered.append((str(reference), reason))
             continue

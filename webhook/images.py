@@ -28,6 +28,7 @@ Also here: `ImageFilter`, the allow/deny patterns on registries and repositories
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -143,6 +144,14 @@ class Reference:
 
 def parse(ref: str) -> Reference:
     """Parse and normalize an image reference, or raise `InvalidReference`."""
+    # The same few hundred images come back in review after review: a hit costs a dict
+    # lookup instead of the grammar's regular expressions. Invalid references are not
+    # cached (lru_cache does not keep exceptions), so garbage cannot fill the cache.
+    return _parse_cached(ref)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_cached(ref: str) -> Reference:
     if not ref:
         raise InvalidReference(ref, "empty reference")
     if ref != ref.strip():
@@ -324,6 +333,10 @@ class ImageFilter:
         if self._allow and not any(pattern.matches(ref) for pattern in self._allow):
             return "not in allow list"
         return None
+
+    def __bool__(self) -> bool:
+        """False for a filter that lets everything through (callers skip it)."""
+        return bool(self._allow or self._deny)
 
     def __repr__(self) -> str:
         return f"ImageFilter(allow={list(self.allow)!r}, deny={list(self.deny)!r})"

@@ -15,7 +15,15 @@ from kubernetes import client
 
 from hack import controlplane
 from hack.controlplane import ControlPlane
-from tests.support import NODES
+from tests.support import NODES, Process
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Whatever a failing fixture left behind is stopped when the session ends."""
+    yield
+    for process in Process.started:
+        process.stop(timeout=5)
 
 
 @pytest.fixture(scope="session")

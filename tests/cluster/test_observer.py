@@ -71,19 +71,24 @@ def setup(cluster, core, tmp_path_factory):
     core.create_namespace({"metadata": {"name": unlabelled}})
     workdir = tmp_path_factory.mktemp("observer")
     observer = Observer(cluster, release_ns, workdir)
-    config = chart_object(helm_template(release_ns), "ValidatingWebhookConfiguration")
     admission = client.AdmissionregistrationV1Api(cluster.api_client())
     name = f"{release_ns}-observe"
-    admission.create_validating_webhook_configuration(
-        webhook_for_url(config, observer.url, observer.ca, name))
-    state = Setup(cluster, core, release_ns, observer, labelled, unlabelled, name)
-    # the API server picks the configuration up asynchronously: wait until it calls us
-    eventually("webhook active", lambda: _try_sentinel(state), timeout=60, interval=1)
-    yield state
-    admission.delete_validating_webhook_configuration(name)
-    observer.stop()
-    for namespace in (release_ns, labelled, unlabelled):
-        core.delete_namespace(namespace)
+    try:
+        config = chart_object(helm_template(release_ns), "ValidatingWebhookConfiguration")
+        admission.create_validating_webhook_configuration(
+            webhook_for_url(config, observer.url, observer.ca, name))
+        state = Setup(cluster, core, release_ns, observer, labelled, unlabelled, name)
+        # the API server picks the configuration up asynchronously: wait until it calls us
+        eventually("webhook active", lambda: _try_sentinel(state), timeout=60, interval=1)
+        yield state
+    finally:
+        try:
+            admission.delete_validating_webhook_configuration(name)
+        except client.ApiException:
+            pass
+        observer.stop()
+        for namespace in (release_ns, labelled, unlabelled):
+            core.delete_namespace(namespace)
 
 
 def _try_sentinel(state: Setup) -> bool:
@@ -258,17 +263,18 @@ def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core
     core.create_namespace({"metadata": {"name": release_ns}})
     core.create_namespace({"metadata": {"name": target, "labels": LEARN}})
     observer = Observer(cluster, release_ns, tmp_path)
-    config = chart_object(helm_template(release_ns), "ValidatingWebhookConfiguration")
     admission = client.AdmissionregistrationV1Api(cluster.api_client())
     name = f"{release_ns}-observe"
-    admission.create_validating_webhook_configuration(
-        webhook_for_url(config, observer.url, observer.ca, name))
     try:
+        config = chart_object(helm_template(release_ns), "ValidatingWebhookConfiguration")
+        admission.create_validating_webhook_configuration(
+            webhook_for_url(config, observer.url, observer.ca, name))
+
         def learned_probe() -> bool:
             image = f"probe.example.com/p:{uuid.uuid4().hex[:6]}"
             core.create_namespaced_pod(target, pod(f"p-{uuid.uuid4().hex[:6]}", image))
             return eventually("probe", lambda: image in learned_images(core, release_ns),
-                              timeout=3) if True else False
+                              timeout=3)
 
         eventually("webhook active", lambda: _quiet(learned_probe), timeout=60, interval=1)
         observer.process.stop(sig=9)
@@ -279,7 +285,10 @@ def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core
         timeout = config["webhooks"][0]["timeoutSeconds"]
         assert timeout <= 5 and elapsed < timeout + 3
     finally:
-        admission.delete_validating_webhook_configuration(name)
+        try:
+            admission.delete_validating_webhook_configuration(name)
+        except client.ApiException:
+            pass
         observer.stop()
         core.delete_namespace(release_ns)
         core.delete_namespace(target)

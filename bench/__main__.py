@@ -1,0 +1,351 @@
+"""`make bench`: figures, each with a baseline measured in the same run.
+
+observer    /observe under concurrency vs a bare allow-all flask handler served by the
+            same gunicorn settings (gthread, TLS, keep-alive): reviews/s, p50/p99, the
+            ratio; p99 at a paced 200 reviews/s; API writes per 10,000 admissions of
+            already-known images.
+reconciler  one pass over 5,000 learned images and 20,000 pods: time and peak memory,
+            against listing the same pods through the client's model objects.
+
+    python -m bench [observer|reconciler ...] [--seconds N] [--pods N] [--images N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import resource
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from certs import tls  # noqa: E402
+from hack import controlplane  # noqa: E402
+from hack.controlplane import free_port, wait_for  # noqa: E402
+
+KNOWN_IMAGES = [f"registry.example.com/team-{i % 5}/service-{i}:v{i % 3}" for i in range(50)]
+
+
+def review_body(index: int) -> bytes:
+    image = KNOWN_IMAGES[index % len(KNOWN_IMAGES)]
+    return json.dumps({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": f"bench-{index}", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "namespace": f"team-{index % 5}", "operation": "CREATE",
+                    "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+                    "object": {"apiVersion": "v1", "kind": "Pod",
+                               "metadata": {"generateName": "svc-", "namespace": f"team-{index % 5}",
+                                            "labels": {"app": "svc"}},
+                               "spec": {"containers": [
+                                   {"name": "app", "image": image,
+                                    "resources": {"requests": {"cpu": "100m"}}},
+                                   {"name": "proxy", "image": "docker.io/envoyproxy/envoy:v1.31.0"}],
+                                   "initContainers": [{"name": "init", "image": "busybox:1.36"}]}},
+                    "dryRun": False}}).encode()
+
+
+# -- servers -------------------------------------------------------------------------
+
+def baseline_app(_settings):
+    """What the observer is compared with: an allow-all handler that parses the review
+    and echoes the uid, and nothing else."""
+    from flask import Flask, jsonify, request
+
+    app = Flask("baseline")
+
+    @app.post("/observe")
+    def observe():
+        uid = request.get_json(force=True)["request"]["uid"]
+        return jsonify({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                        "response": {"uid": uid, "allowed": True}})
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok"})
+
+    return app
+
+
+SERVER_SCRIPT = """
+import sys
+from webhook import settings as s
+from webhook.logs import setup
+from webhook.server import serve
+config = s.load()
+setup(config.log_format, "WARNING")
+factory = None
+if sys.argv[1] == "baseline":
+    from bench.__main__ import baseline_app as factory
+serve(config, app_factory=factory)
+"""
+
+
+class Server:
+    def __init__(self, kind: str, workdir: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.ca = workdir / "ca.crt"
+        self.log = open(workdir / f"{kind}.log", "wb")
+        full_env = {**os.environ, **env, "PYTHONPATH": str(REPO),
+                    "PREWARM_PORT": str(self.port), "PREWARM_BIND_ADDRESS": "127.0.0.1",
+                    "PREWARM_TLS_CERT_FILE": str(workdir / "tls.crt"),
+                    "PREWARM_TLS_KEY_FILE": str(workdir / "tls.key")}
+        self.process = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, kind], env=full_env,
+                                        stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                        start_new_session=True)
+        wait_for(f"{kind} server", lambda: self.get("/healthz") == 200, timeout=30)
+
+    def context(self):
+        return ssl.create_default_context(cafile=str(self.ca))
+
+    def get(self, path: str) -> int:
+        try:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context(),
+                                               timeout=5)
+            conn.request("GET", path)
+            status = conn.getresponse().status
+            conn.close()
+            return status
+        except OSError:
+            return 0
+
+    def metric(self, name: str) -> float:
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context(), timeout=5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+    def stop(self):
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(30)
+        self.log.close()
+
+
+# -- load ----------------------------------------------------------------------------
+
+LOAD_SCRIPT = r"""
+import http.client, json, ssl, sys, time, threading
+port, ca, seconds, connections, rate = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+sys.path.insert(0, sys.argv[6])
+from bench.__main__ import review_body
+bodies = [review_body(i) for i in range(500)]
+latencies, errors = [], [0]
+lock = threading.Lock()
+deadline = time.perf_counter() + seconds
+def worker(n):
+    ctx = ssl.create_default_context(cafile=ca)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    i, mine = n, []
+    interval = connections / rate if rate else 0
+    next_at = time.perf_counter() + (n * interval / connections if rate else 0)
+    while True:
+        now = time.perf_counter()
+        if now >= deadline: break
+        if rate:
+            if now < next_at:
+                time.sleep(next_at - now)
+            next_at += interval
+        start = time.perf_counter()
+        try:
+            conn.request("POST", "/observe", body=bodies[i % 500], headers={"Content-Type": "application/json"})
+            response = conn.getresponse(); response.read()
+            if response.status != 200: errors[0] += 1
+        except Exception:
+            errors[0] += 1
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        mine.append(time.perf_counter() - start)
+        i += connections
+    with lock:
+        latencies.extend(mine)
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(connections)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"count": len(latencies), "errors": errors[0], "seconds": seconds, "latencies": latencies}))
+"""
+
+
+def load(server: Server, *, seconds: float, connections: int, rate: float = 0) -> dict:
+    """Runs the load generator in its own process (so it does not share the GIL with us)."""
+    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(server.port), str(server.ca),
+                          str(seconds), str(connections), str(rate), str(REPO)],
+                         capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    result = json.loads(out)
+    latencies = sorted(result.pop("latencies"))
+    result["rps"] = result["count"] / seconds
+    result["p50_ms"] = 1000 * latencies[len(latencies) // 2] if latencies else 0
+    result["p99_ms"] = 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0
+    return result
+
+
+def bench_observer(args) -> None:
+    print("== observer: /observe vs a bare allow-all handler (same gunicorn settings) ==")
+    plane = controlplane.start(timeout=60)
+    workdir = Path(tempfile.mkdtemp(prefix="prewarm-bench-"))
+    ca, ca_key = tls.generate_ca()
+    cert, key = tls.generate_serving(ca, ca_key, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    (workdir / "ca.crt").write_bytes(ca)
+    (workdir / "tls.crt").write_bytes(cert)
+    (workdir / "tls.key").write_bytes(key)
+    env = {"KUBECONFIG": str(plane.kubeconfig), "PREWARM_NAMESPACE": "prewarm",
+           "PREWARM_LOG_LEVEL": "WARNING"}
+    from kubernetes import client
+
+    client.CoreV1Api(plane.api_client()).create_namespace({"metadata": {"name": "prewarm"}})
+    try:
+        results = {}
+        for kind in ("baseline", "observer"):
+            server = Server(kind, workdir, env)
+            try:
+                load(server, seconds=1, connections=4)  # warm-up: connections, first flush
+                results[kind] = {
+                    "max": load(server, seconds=args.seconds, connections=8),
+                    "paced": load(server, seconds=args.seconds, connections=4, rate=200),
+                }
+                if kind == "observer":
+                    writes_before = server.metric("prewarm_api_writes_total")
+                    reviews_before = server.metric("prewarm_reviews_total")
+                    sent = load(server, seconds=args.seconds, connections=8)
+                    flush_deadline = time.monotonic() + 3
+                    while time.monotonic() < flush_deadline:  # let any flush happen
+                        time.sleep(0.25)
+                    writes = server.metric("prewarm_api_writes_total") - writes_before
+                    reviews = server.metric("prewarm_reviews_total") - reviews_before
+                    results[kind]["writes_per_10k"] = 10000 * writes / max(reviews, 1)
+                    results[kind]["known_reviews"] = reviews
+                    del sent
+            finally:
+                server.stop()
+        base, obs = results["baseline"], results["observer"]
+        print(f"{'':28}{'baseline':>12}{'observer':>12}")
+        print(f"{'reviews/s (8 connections)':28}{base['max']['rps']:>12.0f}{obs['max']['rps']:>12.0f}")
+        print(f"{'p50 ms (8 connections)':28}{base['max']['p50_ms']:>12.2f}{obs['max']['p50_ms']:>12.2f}")
+        print(f"{'p99 ms (8 connections)':28}{base['max']['p99_ms']:>12.2f}{obs['max']['p99_ms']:>12.2f}")
+        print(f"{'p50 ms at 200 reviews/s':28}{base['paced']['p50_ms']:>12.2f}{obs['paced']['p50_ms']:>12.2f}")
+        print(f"{'p99 ms at 200 reviews/s':28}{base['paced']['p99_ms']:>12.2f}{obs['paced']['p99_ms']:>12.2f}")
+        print(f"{'errors':28}{base['max']['errors'] + base['paced']['errors']:>12}"
+              f"{obs['max']['errors'] + obs['paced']['errors']:>12}")
+        ratio = obs["max"]["rps"] / base["max"]["rps"]
+        print(f"throughput ratio observer/baseline: {ratio:.2f} (target >= 0.9)")
+        print(f"p99 at 200 reviews/s: {obs['paced']['p99_ms']:.2f} ms (target < 5 ms)")
+        print(f"API writes per 10,000 admissions of known images: {obs['writes_per_10k']:.1f} "
+              f"(over {obs['known_reviews']:.0f} reviews; target 0)")
+    finally:
+        plane.stop()
+
+
+# -- reconciler ----------------------------------------------------------------------
+
+PASS_SCRIPT = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from kubernetes import client
+from webhook.reconciler import Reconciler
+from webhook.settings import Settings
+from webhook import kube
+mode = sys.argv[2]
+settings = Settings(namespace="prewarm", helper_image="ghcr.io/prewarm/prewarm:bench",
+                    max_images=10000, max_bytes=4 * 1024 * 1024)
+api = kube.api_client()
+start = time.perf_counter()
+if mode == "reconcile":
+    result = Reconciler(settings, api).reconcile_once()
+    detail = {"daemonsets": len(result.daemonsets), "backfilled": len(result.backfilled)}
+else:  # baseline: the same pods listed through the client's model objects
+    core = client.CoreV1Api(api)
+    count = 0
+    for ns in core.list_namespace(label_selector="prewarm.io/learn=enabled").items:
+        token = None
+        while True:
+            page = core.list_namespaced_pod(ns.metadata.name, limit=500, _continue=token)
+            count += len(page.items)
+            token = page.metadata._continue
+            if not token: break
+    detail = {"pods": count}
+elapsed = time.perf_counter() - start
+print(json.dumps({"seconds": elapsed, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **detail}))
+"""
+
+
+def bench_reconciler(args) -> None:
+    print(f"== reconciler: one pass over {args.images} learned images and {args.pods} pods ==")
+    from kubernetes import client
+
+    from webhook.settings import Settings
+    from webhook.store import LearnedImagesStore, Observation, merge
+
+    plane = controlplane.start(timeout=60, extra_apiserver_args=["--max-requests-inflight=1000",
+                                                                 "--max-mutating-requests-inflight=500"])
+    try:
+        core = client.CoreV1Api(plane.api_client())
+        core.create_namespace({"metadata": {"name": "prewarm"}})
+        namespaces = [f"team-{i}" for i in range(20)]
+        for name in namespaces:
+            core.create_namespace({"metadata": {"name": name, "labels": {"prewarm.io/learn": "enabled"}}})
+        images = [f"registry.example.com/{namespaces[i % 20]}/app-{i}:v1" for i in range(args.images)]
+        now = time.time()
+        settings = Settings(max_images=10000, max_images_per_namespace=10000, max_bytes=4 * 1024 * 1024)
+        store = LearnedImagesStore(core, namespace="prewarm", name="learned-images")
+        store.update(lambda learned: merge(learned, {i: Observation({"team-0"}, now, now) for i in images},
+                                           source="admission", settings=settings).changed)
+        started = time.monotonic()
+
+        def create(index: int) -> None:
+            api = clients[index % len(clients)]
+            api.create_namespaced_pod(namespaces[index % 20], {
+                "metadata": {"name": f"pod-{index}"},
+                "spec": {"containers": [{"name": "app", "image": images[index % len(images)]},
+                                        {"name": "side", "image": "docker.io/library/busybox:1.36"}]}})
+
+        clients = [client.CoreV1Api(plane.api_client()) for _ in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(create, range(args.pods)))
+        print(f"(setup: {args.pods} pods created in {time.monotonic() - started:.0f}s)")
+        env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "PYTHONPATH": str(REPO)}
+        runs = {}
+        for mode in ("baseline", "reconcile"):
+            out = subprocess.run([sys.executable, "-c", PASS_SCRIPT, str(REPO), mode], env=env,
+                                 capture_output=True, text=True, timeout=600)
+            if out.returncode != 0:
+                raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
+            runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        base, rec = runs["baseline"], runs["reconcile"]
+        print(f"{'':34}{'seconds':>10}{'peak MiB':>10}")
+        print(f"{'baseline: list pods as models':34}{base['seconds']:>10.2f}{base['max_rss_mib']:>10.0f}")
+        print(f"{'reconcile pass (backfill+apply)':34}{rec['seconds']:>10.2f}{rec['max_rss_mib']:>10.0f}")
+        print(f"reconcile/baseline time ratio: {rec['seconds'] / base['seconds']:.2f}; "
+              f"DaemonSets: {rec['daemonsets']} (targets: < 2 s, < 150 MiB)")
+    finally:
+        plane.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="*", default=["observer", "reconciler"],
+                        choices=["observer", "reconciler"])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
+    parser.add_argument("--pods", type=int, default=20000)
+    parser.add_argument("--images", type=int, default=5000)
+    args = parser.parse_args()
+    for which in args.which:
+        {"observer": bench_observer, "reconciler": bench_reconciler}[which](args)
+        print()
+
+
+if __name__ == "__main__":
+    main()
