@@ -211,7 +211,9 @@ def bench_observer(args) -> None:
         for kind in ("baseline", "observer"):
             server = Server(kind, workdir, env)
             try:
-                load(server, seconds=1, connections=4)  # warm-up: connections, first flush
+                # warm-up: connections, caches, and the first flush (which writes the new
+                # images once) before anything is measured
+                load(server, seconds=3, connections=4)
                 results[kind] = {
                     "max": load(server, seconds=args.seconds, connections=8),
                     "paced": load(server, seconds=args.seconds, connections=4, rate=200),

@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             from webhook.server import serve
 
             api_client().close()  # no usable kubeconfig: say so now, not at the first flush
+            # The kubernetes client imports its (pydantic) models lazily, which costs
+            # seconds of CPU under the GIL. Done here, in the master, the workers inherit
+            # them through fork instead of paying for them while answering reviews.
+            from kubernetes.client import CoreV1Api, V1ConfigMap  # noqa: F401
+            from kubernetes.client.models import v1_config_map, v1_object_meta  # noqa: F401
+
             serve(settings)
             return 0
         if args.command == "reconcile":

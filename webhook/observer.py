@@ -99,6 +99,13 @@ class Flusher:
         return self._store
 
     def start(self) -> None:
+        """Starts the background loop (gunicorn: after the fork, before serving). The
+        store's API client is built here, not on the first flush, so its cost is paid
+        before the first review arrives."""
+        try:
+            self.store
+        except StoreUnavailable as error:
+            logger.warning("learned-images store not ready yet: %s", error)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="prewarm-flusher",
                                             daemon=True)
