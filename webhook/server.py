@@ -151,6 +151,9 @@ class ObserverServer(BaseApplication):
             "loglevel": s.log_level.lower(),
             "worker_tmp_dir": tempfile.gettempdir(),
             "proc_name": "prewarm-observer",
+            # gunicorn's control socket lives at a fixed path under $HOME: two observers on
+            # one machine would share it, and a read-only root filesystem refuses it.
+            "control_socket_disable": True,
         }
         options.update(self.extra)
         for key, value in options.items():

@@ -140,8 +140,10 @@ def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_bac
     reconciler = Reconciler(settings, cluster.api_client())
     reconciler.reconcile_once()
     name = daemonset.container_name(broken)
-    victim = eventually("a prepuller pod", lambda: pods_of(core, prewarm_ns, "prewarm-images"),
-                        timeout=60)[0]
+    # a pod kwok has finished with (Running), so its own status updates are over
+    victim = eventually("a Running prepuller pod", lambda: next(
+        (p for p in pods_of(core, prewarm_ns, "prewarm-images") if p.status.phase == "Running"),
+        None), timeout=60)
     # play the kubelet: the pull of `broken` fails on this node (kwok leaves it alone)
     core.patch_namespaced_pod(victim.metadata.name, prewarm_ns, {"metadata": {
         "annotations": {"kwok.x-k8s.io/status": "custom"}}})
@@ -152,8 +154,15 @@ def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_bac
                 {"name": c.name, "image": c.image, "ready": True, "restartCount": 0,
                  "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}
                 for c in victim.spec.init_containers]
-    core.patch_namespaced_pod_status(victim.metadata.name, prewarm_ns, {
-        "status": {"initContainerStatuses": statuses}})
+
+    def failure_visible() -> bool:
+        core.patch_namespaced_pod_status(victim.metadata.name, prewarm_ns, {
+            "status": {"initContainerStatuses": statuses}})
+        pod = core.read_namespaced_pod(victim.metadata.name, prewarm_ns)
+        return any(s.name == name and s.state.waiting and s.state.waiting.reason == "ErrImagePull"
+                   for s in pod.status.init_container_statuses or [])
+
+    eventually("the simulated pull failure in the pod's status", failure_visible, timeout=30)
 
     result = reconciler.reconcile_once()
     assert result.failing == [broken]
