@@ -21,9 +21,10 @@ k8s_dir="$cache/kubernetes-$KUBERNETES_VERSION/bin"
 etcd_dir="$cache/etcd-$ETCD_VERSION/bin"
 kwok_dir="$cache/kwok-$KWOK_VERSION/bin"
 helm_dir="$cache/helm-$HELM_VERSION/bin"
+crds_dir="$cache/cert-manager-$CERT_MANAGER_VERSION/crds"
 
 if [[ "${1:-}" == "--print-dirs" ]]; then
-  printf '%s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir"
+  printf '%s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir"
   exit 0
 fi
 
@@ -166,12 +167,29 @@ install_kwok_stages() {
   step "kwok stages: installed in $dest"
 }
 
+# cert-manager's CRDs, so the chart's Issuer/Certificate objects can be applied to the test
+# API server (no cert-manager controller runs there). Plain YAML in its Go module.
+install_cert_manager_crds() {
+  if [[ -f "$crds_dir/cert-manager.io_certificates.yaml" ]]; then
+    step "cert-manager $CERT_MANAGER_VERSION CRDs: present in $crds_dir"; return
+  fi
+  step "cert-manager $CERT_MANAGER_VERSION CRDs: downloading the module (once per machine)"
+  local mod
+  mod="$(cd "$cache/src" && go mod download -json "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  local tmp="$crds_dir.tmp.$$"; rm -rf "$tmp"; mkdir -p "$tmp"
+  cp "$mod"/deploy/crds/cert-manager.io_*.yaml "$tmp/"
+  chmod 644 "$tmp"/*.yaml
+  finish "$tmp" "$crds_dir"
+  step "cert-manager CRDs: installed in $crds_dir"
+}
+
 step "cache: $cache (override with PREWARM_CACHE_DIR); $(go version)"
 build_etcd
 build_kubernetes
 build_go_install kwok "$KWOK_VERSION" "$kwok_dir" sigs.k8s.io/kwok/cmd/kwok \
   "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 install_kwok_stages
+install_cert_manager_crds
 # helm's release builds stamp the Kubernetes version it assumes offline (`helm template`,
 # `helm lint`) from its client-go; without it helm assumes v1.20 and charts requiring a
 # newer kubeVersion refuse to render.
@@ -182,4 +200,4 @@ build_go_install helm "$HELM_VERSION" "$helm_dir" helm.sh/helm/v3/cmd/helm \
    -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor
    -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor"
 step "all binaries ready"
-printf '  %s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir"
+printf '  %s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir"

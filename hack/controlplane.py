@@ -77,6 +77,17 @@ def find_binary(name: str, *, build: bool = True) -> Path:
     raise ControlPlaneError(f"{name} not found in {binary_dirs()}; run {BUILD_SCRIPT}")
 
 
+def cert_manager_crds() -> list[Path]:
+    """cert-manager's CRD manifests (installed by the build script beside the binaries)."""
+    for attempt in range(2):
+        crds = sorted(binary_dirs()[4].glob("*.yaml"))
+        if crds:
+            return crds
+        if attempt == 0:
+            subprocess.run([str(BUILD_SCRIPT)], stdout=sys.stderr, stderr=sys.stderr)
+    raise ControlPlaneError(f"cert-manager CRDs missing; run {BUILD_SCRIPT}")
+
+
 # -- small utilities ------------------------------------------------------------------
 
 def free_port() -> int:

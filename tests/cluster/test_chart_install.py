@@ -1,0 +1,148 @@
+"""The Helm chart applied to the real API server: accepted in both TLS modes under the
+restricted Pod Security profile, and its identities can do exactly their job."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+from kubernetes import client
+
+from hack.controlplane import cert_manager_crds, find_binary
+from tests.support import eventually, helm_template, new_namespace_name
+
+POD_SECURITY = {"pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/warn": "restricted",
+                "pod-security.kubernetes.io/audit": "restricted"}
+
+
+def kubectl(cluster, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(find_binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig),
+                           *args], input=stdin, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def crds(cluster):
+    for crd in cert_manager_crds():
+        result = kubectl(cluster, "apply", "--server-side", "-f", str(crd))
+        assert result.returncode == 0, result.stderr
+    ext = client.ApiextensionsV1Api(cluster.api_client())
+
+    def established() -> bool:
+        crd = ext.read_custom_resource_definition("certificates.cert-manager.io")
+        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+    eventually("cert-manager CRDs established", established, timeout=30)
+
+
+def install(cluster, core, mode: str, release: str) -> tuple[str, list[dict]]:
+    namespace = new_namespace_name(release)
+    core.create_namespace({"metadata": {"name": namespace, "labels": POD_SECURITY}})
+    docs = helm_template(namespace, f"certs.mode={mode}", "mutate.enabled=true", release=release)
+    # hooks (cert Jobs, the helm test Pod) are applied too: the API server judges them all
+    result = kubectl(cluster, "apply", "--server-side", "--field-manager=helm",
+                     "--validate=strict", "-n", namespace, "-f", "-",
+                     stdin=yaml.safe_dump_all(docs))
+    assert result.returncode == 0, result.stderr
+    # no PodSecurity warning for any pod template, nor any unknown field
+    assert "Warning" not in result.stderr, result.stderr
+    return namespace, docs
+
+
+def cleanup(cluster, core, namespace: str, docs: list[dict]) -> None:
+    admission = client.AdmissionregistrationV1Api(cluster.api_client())
+    rbac = client.RbacAuthorizationV1Api(cluster.api_client())
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        try:
+            if doc["kind"] == "ValidatingWebhookConfiguration":
+                admission.delete_validating_webhook_configuration(name)
+            elif doc["kind"] == "MutatingWebhookConfiguration":
+                admission.delete_mutating_webhook_configuration(name)
+            elif doc["kind"] == "ClusterRole":
+                rbac.delete_cluster_role(name)
+            elif doc["kind"] == "ClusterRoleBinding":
+                rbac.delete_cluster_role_binding(name)
+        except client.ApiException:
+            pass
+    core.delete_namespace(namespace)
+
+
+@pytest.mark.parametrize("mode", ["cert-manager", "job"])
+def test_rendered_chart_is_accepted_and_its_pods_pass_restricted_pod_security(
+        cluster, core, apps, crds, mode):
+    release = "pw-cm" if mode == "cert-manager" else "pw-job"
+    namespace, docs = install(cluster, core, mode, release)
+    try:
+        kinds = {d["kind"] for d in docs}
+        if mode == "cert-manager":
+            assert {"Issuer", "Certificate"} <= kinds
+            custom = client.CustomObjectsApi(cluster.api_client())
+            certs = custom.list_namespaced_custom_object("cert-manager.io", "v1", namespace,
+                                                         "certificates")["items"]
+            serving = next(c for c in certs if not c["spec"].get("isCA"))
+            service = next(d["metadata"]["name"] for d in docs if d["kind"] == "Service")
+            assert {service, f"{service}.{namespace}", f"{service}.{namespace}.svc"} <= set(
+                serving["spec"]["dnsNames"])
+        else:
+            assert "Job" in kinds and "Issuer" not in kinds
+        # the controller-manager creates the observer's and reconciler's pods; PodSecurity
+        # (enforce: restricted) would refuse any that breaks the profile
+        for deployment in (d for d in docs if d["kind"] == "Deployment"):
+            name, replicas = deployment["metadata"]["name"], deployment["spec"]["replicas"]
+            selector = ",".join(f"{k}={v}" for k, v in
+                                deployment["spec"]["selector"]["matchLabels"].items())
+            eventually(f"{replicas} pods of {name}", lambda: len(
+                core.list_namespaced_pod(namespace, label_selector=selector).items) == replicas,
+                timeout=60)
+        placeholder = apps.read_namespaced_daemon_set("prewarm-images", namespace)
+        assert placeholder.metadata.labels["app.kubernetes.io/component"] == "prepuller"
+    finally:
+        cleanup(cluster, core, namespace, docs)
+
+
+def test_chart_identities_can_do_their_job_and_nothing_else(cluster, core, crds):
+    namespace, docs = install(cluster, core, "cert-manager", "pw-rbac")
+    try:
+        core.create_namespaced_secret(namespace, {"metadata": {"name": "tenant-secret"},
+                                                  "stringData": {"k": "v"}})
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": "other-config"}})
+        observer_sa = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"
+                           and d["metadata"]["name"].endswith("observer"))
+        reconciler_sa = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"
+                             and d["metadata"]["name"].endswith("reconciler"))
+        lease = next(d["metadata"]["name"] for d in docs if d["kind"] == "Lease")
+        patch = {"metadata": {"annotations": {"prewarm.io/test": "1"}}}
+
+        def as_sa(name: str) -> client.ApiClient:
+            return cluster.api_client(cluster.kubeconfig_for_service_account(namespace, name))
+
+        def refused(call) -> None:
+            with pytest.raises(client.ApiException) as error:
+                call()
+            assert error.value.status == 403, error.value
+
+        observer = client.CoreV1Api(as_sa(observer_sa))
+        assert observer.read_namespaced_config_map("learned-images", namespace).metadata.name
+        observer.patch_namespaced_config_map("learned-images", namespace, patch)
+        refused(lambda: observer.read_namespaced_secret("tenant-secret", namespace))
+        refused(lambda: observer.patch_namespaced_config_map("other-config", namespace, patch))
+        refused(lambda: observer.list_namespaced_pod(namespace))
+        refused(lambda: observer.create_namespaced_config_map(namespace, {"metadata": {"name": "x"}}))
+
+        api = as_sa(reconciler_sa)
+        reconciler = client.CoreV1Api(api)
+        reconciler.patch_namespaced_config_map("learned-images", namespace, patch)
+        assert reconciler.list_pod_for_all_namespaces(limit=1) is not None
+        assert reconciler.list_namespace(limit=1) is not None
+        reconciler.list_namespaced_config_map(namespace, field_selector="metadata.name=learned-images")
+        client.CoordinationV1Api(api).patch_namespaced_lease(lease, namespace, patch)
+        client.AppsV1Api(api).patch_namespaced_daemon_set("prewarm-images", namespace, patch)
+        refused(lambda: reconciler.read_namespaced_secret("tenant-secret", namespace))
+        refused(lambda: reconciler.list_secret_for_all_namespaces())
+        refused(lambda: reconciler.patch_namespaced_config_map("other-config", namespace, patch))
+        refused(lambda: reconciler.delete_namespaced_pod("anything", namespace))
+        refused(lambda: client.AppsV1Api(api).list_deployment_for_all_namespaces())
+    finally:
+        cleanup(cluster, core, namespace, docs)
