@@ -216,7 +216,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
             continue
         parser.add_argument(
             spec.flag, dest=spec.name, default=None, metavar=spec.env,
-            help=f"{spec.help} [env {spec.env}, default {spec.default!r}]")
+            # argparse %-formats help strings: a literal % (the "10%" default) is %%
+            help=f"{spec.help} [env {spec.env}, default {spec.default!r}]".replace("%", "%%"))
 
 
 def load(args: argparse.Namespace | None = None,

@@ -1,0 +1,44 @@
+"""README and --help stay true to the code: every setting documented with its default."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from webhook.cli import COMMANDS
+from webhook.settings import FIELDS
+
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=[f.env for f in FIELDS])
+def test_every_setting_is_in_the_readme_with_its_flag_and_default(field):
+    default = field.default if field.default else "(empty)"
+    row = next((line for line in README.splitlines() if line.startswith(f"| `{field.env}` |")), "")
+    assert row, f"{field.env} missing from the README settings table"
+    assert f"`{field.flag}`" in row and f"`{default}`" in row
+
+
+def test_readme_leads_with_the_two_commands():
+    assert README.index("make demo") < README.index("make test") < README.index("helm install")
+    assert "kubectl label namespace" in README and "kubectl get configmap learned-images" in README
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_of_each_command_lists_its_settings(command):
+    result = subprocess.run([sys.executable, "-m", "webhook", command, "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for field in FIELDS:
+        assert (field.env in result.stdout) == (command in field.commands), field.env
+
+
+def test_bad_setting_value_is_a_clear_error_not_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "webhook", "render", "--shard-size", "zero"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--shard-size='zero'" in result.stderr and "Traceback" not in result.stderr
