@@ -8,8 +8,13 @@ well-formed review always gets `allowed: true`, because the observer only watche
 
 from __future__ import annotations
 
+import base64
+import copy
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
+
+import jsonpatch
 
 from webhook import images
 
@@ -37,6 +42,8 @@ class AdmissionResponse(TypedDict, total=False):
     uid: str
     allowed: bool
     warnings: list[str]
+    patchType: Literal["JSONPatch"]
+    patch: str  # base64 of a JSON patch
 
 
 class AdmissionReview(TypedDict, total=False):
@@ -190,3 +197,52 @@ def review(body: Any, *, excluded_namespaces: frozenset[str] = frozenset(),
             accepted.append(normalized)
     return Outcome(response=response, kind=kind["kind"], namespace=namespace,
                    images=tuple(accepted), rejected=tuple(rejected), filtered=tuple(filtered))
+
+
+# -- the optional mutating endpoint (/mutate) ------------------------------------------
+
+def default_pull_policy(reference: images.Reference) -> str:
+    """What the API server defaults imagePullPolicy to: Always for `:latest` (or an
+    untagged name, which means latest), IfNotPresent otherwise."""
+    return "Always" if reference.tag == "latest" and reference.digest is None else "IfNotPresent"
+
+
+def relax_pull_policies(spec: dict[str, Any], warm: frozenset[str]) -> dict[str, Any]:
+    """A copy of the pod spec where containers whose image is warm on every node and
+    whose pull policy is (or defaults to) Always get IfNotPresent: a registry outage can
+    then not stop a warm launch. Unchanged containers are left exactly as they were."""
+    changed = copy.deepcopy(spec)
+    for list_name in ("initContainers", "containers"):
+        for container in changed.get(list_name) or []:
+            if not isinstance(container, dict) or not isinstance(container.get("image"), str):
+                continue
+            try:
+                reference = images.parse(container["image"])
+            except images.InvalidReference:
+                continue
+            policy = container.get("imagePullPolicy") or default_pull_policy(reference)
+            if policy == "Always" and str(reference) in warm:
+                container["imagePullPolicy"] = "IfNotPresent"
+    return changed
+
+
+def mutate(body: Any, *, warm: frozenset[str],
+           excluded_namespaces: frozenset[str] = frozenset()) -> AdmissionReview:
+    """Answers a review on /mutate: always allowed, with a base64 JSONPatch when (and
+    only when) a pull policy changes. Idempotent: a pod already relaxed gets no patch."""
+    request = parse_request(body)
+    response = build_response(uid=request["uid"])
+    kind = request["kind"]
+    if (kind.get("group", ""), kind["kind"]) != ("", "Pod") or request["operation"] != "CREATE" \
+            or request.get("namespace", "") in excluded_namespaces:
+        return response
+    obj = request.get("object")
+    spec = pod_spec(kind, obj)
+    container_images(spec)  # validates the container lists (BadReview if malformed)
+    relaxed = relax_pull_policies(spec, warm)
+    patch = jsonpatch.make_patch({"spec": spec}, {"spec": relaxed}).patch
+    if patch:
+        response["response"]["patchType"] = "JSONPatch"  # type: ignore[typeddict-unknown-key]
+        response["response"]["patch"] = base64.b64encode(  # type: ignore[typeddict-unknown-key]
+            json.dumps(patch).encode()).decode()
+    return response

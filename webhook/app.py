@@ -59,6 +59,34 @@ def _discard(stream, *, limit: int) -> None:
         remaining -= len(chunk)
 
 
+def _json(document: Any) -> Response:
+    return Response(json.dumps(document, separators=(",", ":")), mimetype="application/json")
+
+
+def _read_review(settings: Settings) -> tuple[Any, tuple[Response, int] | None]:
+    """The decoded JSON body, or the 400 to answer (size, content type, JSON)."""
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        metrics.REVIEWS.labels("", "bad_request").inc()
+        _discard(request.stream, limit=4 * settings.max_body_bytes)
+        return None, _error(400, f"body of {length} bytes is over the limit of "
+                                 f"{settings.max_body_bytes} bytes")
+    if request.mimetype != "application/json":
+        metrics.REVIEWS.labels("", "bad_request").inc()
+        return None, _error(400, f"content type must be application/json, got "
+                                 f"{request.mimetype or 'none'!r}")
+    raw = request.stream.read(settings.max_body_bytes + 1)
+    if len(raw) > settings.max_body_bytes:
+        metrics.REVIEWS.labels("", "bad_request").inc()
+        _discard(request.stream, limit=3 * settings.max_body_bytes)
+        return None, _error(400, f"body is over the limit of {settings.max_body_bytes} bytes")
+    try:
+        return json.loads(raw), None
+    except (ValueError, RecursionError) as error:
+        metrics.REVIEWS.labels("", "bad_request").inc()
+        return None, _error(400, f"body is not valid JSON: {error}"[:300])
+
+
 def _error(status: int, message: str) -> tuple[Response, int]:
     return jsonify({"error": message}), status
 
@@ -75,38 +103,21 @@ def create_app(settings: Settings) -> Flask:
 
     @app.post("/observe")
     def observe():
-        length = request.content_length
-        if length is not None and length > settings.max_body_bytes:
-            metrics.REVIEWS.labels("", "bad_request").inc()
-            _discard(request.stream, limit=4 * settings.max_body_bytes)
-            return _error(400, f"body of {length} bytes is over the limit of "
-                               f"{settings.max_body_bytes} bytes")
-        if request.mimetype != "application/json":
-            metrics.REVIEWS.labels("", "bad_request").inc()
-            return _error(400, f"content type must be application/json, got "
-                               f"{request.mimetype or 'none'!r}")
-        raw = request.stream.read(settings.max_body_bytes + 1)
-        if len(raw) > settings.max_body_bytes:
-            metrics.REVIEWS.labels("", "bad_request").inc()
-            _discard(request.stream, limit=3 * settings.max_body_bytes)
-            return _error(400, f"body is over the limit of {settings.max_body_bytes} bytes")
-        try:
-            body: Any = json.loads(raw)
-        except (ValueError, RecursionError) as error:
-            metrics.REVIEWS.labels("", "bad_request").inc()
-            return _error(400, f"body is not valid JSON: {error}"[:300])
+        body, error = _read_review(settings)
+        if error is not None:
+            return error
         try:
             outcome = admission.review(body, excluded_namespaces=state.excluded,
                                        image_filter=state.image_filter)
-        except admission.BadReview as error:
+        except admission.BadReview as bad:
             metrics.REVIEWS.labels("", "bad_request").inc()
-            return _error(400, str(error))
+            return _error(400, str(bad))
         except Exception:  # a bug must not turn into a 500 the API server retries on
             logger.exception("unexpected error reviewing a request")
             metrics.REVIEWS.labels("", "error").inc()
             uid = body.get("request", {}).get("uid") if isinstance(body, dict) else None
             if isinstance(uid, str) and uid:
-                return jsonify(admission.build_response(uid=uid))
+                return _json(admission.build_response(uid=uid))
             return _error(400, "review could not be processed")
         if outcome.images:
             dropped = buffer.add(outcome.images, outcome.namespace, time.time())
@@ -120,8 +131,29 @@ def create_app(settings: Settings) -> Flask:
         if outcome.filtered:
             metrics.IMAGES_FILTERED.inc(len(outcome.filtered))
         metrics.REVIEWS.labels(outcome.kind, outcome.skipped or "observed").inc()
-        return Response(json.dumps(outcome.response, separators=(",", ":")),
-                        mimetype="application/json")
+        return _json(outcome.response)
+
+    @app.post("/mutate")
+    def mutate():
+        """Optional (chart: mutate.enabled): Always -> IfNotPresent for warm images."""
+        body, error = _read_review(settings)
+        if error is not None:
+            return error
+        try:
+            answer = admission.mutate(body, warm=state.flusher.warm_images(),
+                                      excluded_namespaces=state.excluded)
+        except admission.BadReview as bad:
+            metrics.REVIEWS.labels("", "bad_request").inc()
+            return _error(400, str(bad))
+        except Exception:
+            logger.exception("unexpected error in /mutate")
+            uid = body.get("request", {}).get("uid") if isinstance(body, dict) else None
+            if isinstance(uid, str) and uid:  # allowed, unpatched: never block a pod
+                return _json(admission.build_response(uid=uid))
+            return _error(400, "review could not be processed")
+        metrics.REVIEWS.labels("Pod", "mutated" if "patch" in answer["response"]
+                               else "mutate_unchanged").inc()
+        return _json(answer)
 
     @app.get("/healthz")
     def healthz():

@@ -91,6 +91,8 @@ class Flusher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str = ""
+        self._warm: frozenset[str] = frozenset()
+        self._warm_wanted = False
 
     @property
     def store(self) -> LearnedImagesStore:
@@ -123,8 +125,30 @@ class Flusher:
         while not self._stop.wait(self.settings.flush_interval):
             try:
                 self.flush()
+                if self._warm_wanted:
+                    self._refresh_snapshot()
             except Exception:  # the loop must survive anything; the batch was restored
                 logger.exception("unexpected error while flushing learned images")
+
+    def warm_images(self) -> frozenset[str]:
+        """Images recorded as warm in the last read of learned-images (for /mutate). The
+        first call starts keeping that read fresh (one GET per SNAPSHOT_MAX_AGE)."""
+        self._warm_wanted = True
+        return self._warm
+
+    def _remember(self, snapshot: Snapshot, now: float) -> None:
+        self._snapshot, self._snapshot_at = snapshot, now
+        self._warm = frozenset(r.image for r in snapshot.learned.records.values()
+                               if r.state == "warm")
+
+    def _refresh_snapshot(self) -> None:
+        now = self.clock()
+        if self._snapshot is not None and now - self._snapshot_at < SNAPSHOT_MAX_AGE:
+            return
+        try:
+            self._remember(self.store.read(), now)
+        except StoreUnavailable as error:
+            logger.warning("could not read learned-images for /mutate: %s", error)
 
     def flush(self, *, force: bool = False) -> MergeResult | None:
         """One attempt; returns the merge result when a write was needed and made."""
@@ -164,7 +188,7 @@ class Flusher:
             logger.info("learned-images reachable again after %d failed attempts",
                         self._failures)
         self._failures, self._next_attempt, self.last_error = 0, 0.0, ""
-        self._snapshot, self._snapshot_at = snapshot, now
+        self._remember(snapshot, now)
         metrics.FLUSHES.labels("written" if result.changed else "unchanged").inc()
         if result.added:
             metrics.IMAGES_LEARNED.labels("admission").inc(len(result.added))

@@ -325,3 +325,47 @@ def test_images_buffered_while_the_api_server_is_down_are_written_when_it_return
         assert observer.metric("prewarm_images_dropped_total") == 0
     finally:
         observer.stop()
+
+
+def test_optional_mutate_endpoint_relaxes_pull_policy_of_warm_images(setup, core):
+    """Chart value mutate.enabled: in namespaces also labelled prewarm.io/pull-policy=
+    IfNotPresent, a warm image's Always pull policy becomes IfNotPresent."""
+    namespace = new_namespace_name("relaxed")
+    core.create_namespace({"metadata": {"name": namespace, "labels": {
+        **LEARN, "prewarm.io/pull-policy": "IfNotPresent"}}})
+    admission_api = client.AdmissionregistrationV1Api(setup.cluster.api_client())
+    name = f"{setup.release_ns}-mutate"
+    try:
+        config = chart_object(helm_template(setup.release_ns, "mutate.enabled=true"),
+                              "MutatingWebhookConfiguration")
+        admission_api.create_mutating_webhook_configuration(
+            webhook_for_url(config, setup.observer.url, setup.observer.ca, name))
+        # the reconciler would mark it warm once pulled everywhere; here we write it
+        store = LearnedImagesStore(core, namespace=setup.release_ns, name="learned-images")
+
+        def mark_warm(learned) -> bool:
+            merge(learned, {"docker.io/library/nginx:latest": Observation({namespace}, time.time(),
+                                                                         time.time())},
+                  source="admission", settings=Settings())
+            learned.get("docker.io/library/nginx:latest").state = "warm"
+            return True
+
+        store.update(mark_warm)
+
+        def relaxed_pod():
+            created = core.create_namespaced_pod(namespace, {"metadata": {"generateName": "w-"},
+                                                             "spec": {"containers": [{"name": "a", "image": "nginx"}]}})
+            return created if created.spec.containers[0].image_pull_policy == "IfNotPresent" else None
+
+        pod = eventually("a warm image's pod relaxed to IfNotPresent", relaxed_pod, timeout=90,
+                         interval=1)
+        assert pod.spec.containers[0].image == "nginx"  # only the policy changes
+        cold = core.create_namespaced_pod(namespace, {"metadata": {"name": "cold"}, "spec": {
+            "containers": [{"name": "a", "image": "cold.example.com/app:latest"}]}})
+        assert cold.spec.containers[0].image_pull_policy == "Always"
+    finally:
+        try:
+            admission_api.delete_mutating_webhook_configuration(name)
+        except client.ApiException:
+            pass
+        core.delete_namespace(namespace)

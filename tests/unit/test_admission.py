@@ -154,3 +154,61 @@ def test_malformed_reviews_raise_bad_review_with_a_message(body):
     with pytest.raises(admission.BadReview) as caught:
         admission.review(body)
     assert str(caught.value)
+
+
+# -- /mutate -----------------------------------------------------------------------------
+
+def _patch_of(answer: dict) -> list:
+    import base64
+    import json
+
+    response = answer["response"]
+    if "patch" not in response:
+        return []
+    assert response["patchType"] == "JSONPatch"
+    return json.loads(base64.b64decode(response["patch"]))
+
+
+def test_mutate_relaxes_always_only_for_warm_images():
+    obj = {"spec": {"initContainers": [{"name": "i", "image": "busybox", "imagePullPolicy": "Always"}],
+                    "containers": [{"name": "a", "image": "nginx", "imagePullPolicy": "Always"},
+                                   {"name": "b", "image": "redis:7", "imagePullPolicy": "Always"},
+                                   {"name": "c", "image": "ghcr.io/x/y:1",
+                                    "imagePullPolicy": "IfNotPresent"}]}}
+    warm = frozenset({"docker.io/library/nginx:latest", "docker.io/library/busybox:latest",
+                      "ghcr.io/x/y:1"})
+    answer = admission.mutate(make_review(obj=obj), warm=warm)
+    assert answer["response"]["allowed"] is True and answer["response"]["uid"] == "3f1c"
+    assert sorted(op["path"] for op in _patch_of(answer)) == [
+        "/spec/containers/0/imagePullPolicy", "/spec/initContainers/0/imagePullPolicy"]
+    assert all(op["value"] == "IfNotPresent" for op in _patch_of(answer))
+
+
+def test_mutate_is_idempotent_and_adds_no_patch_when_nothing_changes():
+    import jsonpatch
+
+    obj = {"spec": {"containers": [{"name": "a", "image": "nginx:latest", "imagePullPolicy": "Always"}]}}
+    warm = frozenset({"docker.io/library/nginx:latest"})
+    first = _patch_of(admission.mutate(make_review(obj=obj), warm=warm))
+    patched = jsonpatch.apply_patch(obj, first)
+    assert patched["spec"]["containers"][0]["imagePullPolicy"] == "IfNotPresent"
+    assert "patch" not in admission.mutate(make_review(obj=patched), warm=warm)["response"]
+    assert "patch" not in admission.mutate(make_review(obj=obj), warm=frozenset())["response"]
+
+
+def test_mutate_applies_the_api_server_default_when_the_policy_is_missing():
+    obj = {"spec": {"containers": [{"name": "a", "image": "nginx"},
+                                   {"name": "b", "image": "redis:7"}]}}
+    warm = frozenset({"docker.io/library/nginx:latest", "docker.io/library/redis:7"})
+    patch = _patch_of(admission.mutate(make_review(obj=obj), warm=warm))
+    # nginx defaults to Always (latest) and is relaxed; redis:7 defaults to IfNotPresent
+    assert patch == [{"op": "add", "path": "/spec/containers/0/imagePullPolicy",
+                      "value": "IfNotPresent"}]
+
+
+def test_mutate_ignores_workloads_and_updates_and_rejects_malformed():
+    warm = frozenset({"docker.io/library/nginx:latest"})
+    assert "patch" not in admission.mutate(make_review("apps", "Deployment"), warm=warm)["response"]
+    assert "patch" not in admission.mutate(make_review(operation="UPDATE"), warm=warm)["response"]
+    with pytest.raises(admission.BadReview):
+        admission.mutate(BAD["no uid"], warm=warm)
