@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the control-plane binaries the tests, the demo and the benchmarks run:
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes),
-# etcd (go.etcd.io/etcd/server/v3), kwok (sigs.k8s.io/kwok) and helm (helm.sh/helm/v3),
-# from Go modules at the versions pinned in hack/versions.env.
+# etcd (go.etcd.io/etcd/server/v3), kwok (sigs.k8s.io/kwok), helm (helm.sh/helm/v3) and
+# hey (the bench's load generator), from Go modules at the versions pinned in
+# hack/versions.env; and installs kwok's stages and cert-manager's CRDs from theirs.
 #
 # Output: $PREWARM_CACHE_DIR (default ~/.cache/prewarm)/<tool>-<version>/bin/<binary>.
 # Each folder is keyed by version and filled atomically, so a second run with the
@@ -22,9 +23,10 @@ etcd_dir="$cache/etcd-$ETCD_VERSION/bin"
 kwok_dir="$cache/kwok-$KWOK_VERSION/bin"
 helm_dir="$cache/helm-$HELM_VERSION/bin"
 crds_dir="$cache/cert-manager-$CERT_MANAGER_VERSION/crds"
+hey_dir="$cache/hey-$HEY_VERSION/bin"
 
 if [[ "${1:-}" == "--print-dirs" ]]; then
-  printf '%s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir"
+  printf '%s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir" "$hey_dir"
   exit 0
 fi
 
@@ -199,5 +201,8 @@ build_go_install helm "$HELM_VERSION" "$helm_dir" helm.sh/helm/v3/cmd/helm \
   "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION
    -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor
    -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor"
+# hey: the HTTP load generator of `make bench` (a Go client with keep-alive and a fixed
+# per-worker rate, so the measured latencies are the server's, not a Python client's).
+build_go_install hey "$HEY_VERSION" "$hey_dir" github.com/rakyll/hey "-s -w"
 step "all binaries ready"
-printf '  %s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir"
+printf '  %s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir" "$hey_dir"
