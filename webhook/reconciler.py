@@ -127,13 +127,20 @@ class Reconciler:
 
     # -- one pass ---------------------------------------------------------------------
     def reconcile_once(self, *, backfill: bool | None = None) -> PassResult:
+        """Reads the cluster once (pods of opted-in namespaces if backfilling, prepuller
+        pods, live DaemonSets), makes at most one write to learned-images, then applies
+        the DaemonSets that differ."""
         result = PassResult()
         now = self.clock()
         observed = self.backfill_observations() if (
             self.settings.backfill if backfill is None else backfill) else {}
-        pull_failures = failed_pulls(self.prepuller_pods(), self._container_images())
+        live = self.live_daemonsets()
+        prepuller_pods = self.prepuller_pods()
 
         def prepare(learned: LearnedSet) -> bool:
+            containers = {daemonset.container_name(r.image): r.image
+                          for r in learned.records.values()}
+            pull_failures = failed_pulls(prepuller_pods, containers)
             changed = False
             merged = merge(learned, observed, source="backfill", settings=self.settings)
             result.backfilled = merged.added
@@ -161,6 +168,8 @@ class Reconciler:
                     record.state = "pending"  # back in the DaemonSet for another try
                     record.extra.pop("retryAt", None)
                     changed = True
+            changed |= apply_warm_states(learned, self.settings, live, prepuller_pods,
+                                         containers)
             return changed
 
         snapshot = self.store.update(prepare)
@@ -175,23 +184,14 @@ class Reconciler:
                            self.settings.failure_backoff, ", ".join(result.failing))
 
         desired = daemonset.desired_daemonsets(snapshot.learned, self.settings, now=now)
-        result.daemonsets = self.apply(desired)
-        self.update_states(desired)
+        result.daemonsets = self.apply(desired, live)
         metrics.RECONCILES.labels(result.outcome).inc()
         return result
 
-    def _container_images(self) -> dict[str, str]:
-        """pull-<hash> -> image for the DaemonSets as they are live."""
-        result: dict[str, str] = {}
-        for ds in self.live_daemonsets().values():
-            for container in ds["spec"]["template"]["spec"].get("initContainers") or []:
-                if container["name"].startswith("pull-"):
-                    result[container["name"]] = container["image"]
-        return result
-
-    def apply(self, desired: list[dict[str, Any]]) -> dict[str, str]:
+    def apply(self, desired: list[dict[str, Any]],
+              live: dict[str, dict[str, Any]]) -> dict[str, str]:
         outcomes: dict[str, str] = {}
-        live = self.live_daemonsets()
+        live = dict(live)
         for manifest in desired:
             name = manifest["metadata"]["name"]
             current = live.pop(name, None)
@@ -217,42 +217,38 @@ class Reconciler:
             logger.info("DaemonSet %s deleted (shard empty)", name)
         return outcomes
 
-    def update_states(self, desired: list[dict[str, Any]]) -> None:
-        """warm / pending (+ warmNodes) from the prepuller pods' init statuses."""
-        names = daemonset.images_by_container(desired)
-        pods = self.prepuller_pods()
-        scheduled: dict[str, int] = {}
-        for ds in self.live_daemonsets().values():
-            scheduled[ds["metadata"]["name"]] = (ds.get("status") or {}).get(
-                "desiredNumberScheduled", 0)
-        warm_nodes: dict[str, set[str]] = {}
-        shard_of: dict[str, str] = {}
-        for manifest in desired:
-            for container in manifest["spec"]["template"]["spec"]["initContainers"]:
-                shard_of[container["image"]] = manifest["metadata"]["name"]
-        for pod in pods:
-            node = (pod.get("spec") or {}).get("nodeName") or ""
-            for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
-                image = names.get(status.get("name", ""))
-                terminated = (status.get("state") or {}).get("terminated")
-                if image and node and terminated and terminated.get("exitCode") == 0:
-                    warm_nodes.setdefault(image, set()).add(node)
 
-        def apply_states(learned: LearnedSet) -> bool:
-            changed = False
-            for record in learned.records.values():
-                if record.state.startswith("failing") or record.image not in shard_of:
-                    continue
-                nodes = len(warm_nodes.get(record.image, ()))
-                wanted = scheduled.get(shard_of[record.image], 0)
-                state = "warm" if wanted and nodes >= wanted else "pending"
-                if record.state != state or record.extra.get("warmNodes", 0) != nodes:
-                    record.state = state
-                    record.extra["warmNodes"] = nodes
-                    changed = True
-            return changed
-
-        self.store.update(apply_states)
+def apply_warm_states(learned: LearnedSet, settings: Settings, live: dict[str, dict[str, Any]],
+                      pods: list[dict[str, Any]], containers: dict[str, str]) -> bool:
+    """warm / pending (+ warmNodes) from the prepuller pods' init statuses: an image is
+    warm when its pull finished on as many nodes as its DaemonSet schedules to."""
+    scheduled = {name: (ds.get("status") or {}).get("desiredNumberScheduled", 0)
+                 for name, ds in live.items()}
+    in_live: dict[str, str] = {}
+    for name, ds in live.items():
+        for container in ds["spec"]["template"]["spec"].get("initContainers") or []:
+            if container["name"].startswith("pull-"):
+                in_live[container["image"]] = name
+    warm_nodes: dict[str, set[str]] = {}
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName") or ""
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            image = containers.get(status.get("name", ""))
+            terminated = (status.get("state") or {}).get("terminated")
+            if image and node and terminated and terminated.get("exitCode") == 0:
+                warm_nodes.setdefault(image, set()).add(node)
+    changed = False
+    for record in learned.records.values():
+        if record.state.startswith("failing"):
+            continue
+        nodes = len(warm_nodes.get(record.image, ()))
+        wanted = scheduled.get(in_live.get(record.image, ""), 0)
+        state = "warm" if wanted and nodes >= wanted else "pending"
+        if record.state != state or record.extra.get("warmNodes", 0) != nodes:
+            record.state = state
+            record.extra["warmNodes"] = nodes
+            changed = True
+    return changed
 
 
 def failed_pulls(pods: list[dict[str, Any]], containers: dict[str, str]) -> dict[str, str]:
