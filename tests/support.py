@@ -164,10 +164,14 @@ class Observer:
             return 0, b""
 
     def metric(self, name: str) -> float:
-        """Sum of a Prometheus metric's samples on /metrics."""
+        """Sum of a Prometheus metric's samples on /metrics; `name` may carry labels
+        (`prewarm_reviews_total{kind="Pod",result="observed"}`) to pick one series."""
         total = 0.0
         for line in self.get("/metrics")[1].decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
+            if line.startswith("#"):
+                continue
+            series = line.rsplit(" ", 1)[0]
+            if series == name or ("{" not in name and series.startswith(name + "{")):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 

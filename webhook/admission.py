@@ -179,7 +179,23 @@ def review(body: Any, *, excluded_namespaces: frozenset[str] = frozenset(),
     if not namespace or namespace in excluded_namespaces:
         return Outcome(response=response, kind=kind["kind"], namespace=namespace,
                        skipped="excluded-namespace")
-    accepted: list[str] = []
+    learnable = learnable_images(found, image_filter)
+    return Outcome(response=response, kind=kind["kind"], namespace=namespace,
+                   images=learnable.images, rejected=learnable.rejected,
+                   filtered=learnable.filtered)
+
+
+@dataclass(frozen=True)
+class Learnable:
+    images: tuple[str, ...]  # normalized, allowed, without duplicates
+    rejected: tuple[tuple[str, str], ...] = ()  # (reference, why it is invalid)
+    filtered: tuple[tuple[str, str], ...] = ()  # (image, which pattern kept it out)
+
+
+def learnable_images(found: list[str], image_filter: images.ImageFilter | None) -> Learnable:
+    """The references of one pod spec that may be learned: normalized, valid, allowed.
+    Shared by the observer (reviews) and the reconciler (backfill)."""
+    accepted: dict[str, None] = {}
     rejected: list[tuple[str, str]] = []
     filtered: list[tuple[str, str]] = []
     for raw in found:
@@ -192,11 +208,8 @@ def review(body: Any, *, excluded_namespaces: frozenset[str] = frozenset(),
         if reason is not None:
             filtered.append((str(reference), reason))
             continue
-        normalized = str(reference)
-        if normalized not in accepted:
-            accepted.append(normalized)
-    return Outcome(response=response, kind=kind["kind"], namespace=namespace,
-                   images=tuple(accepted), rejected=tuple(rejected), filtered=tuple(filtered))
+        accepted.setdefault(str(reference), None)
+    return Learnable(tuple(accepted), tuple(rejected), tuple(filtered))
 
 
 # -- the optional mutating endpoint (/mutate) ------------------------------------------

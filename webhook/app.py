@@ -101,24 +101,28 @@ def create_app(settings: Settings) -> Flask:
         excluded=settings.excluded_namespaces)
     app.extensions["prewarm"] = state
 
-    @app.post("/observe")
-    def observe():
+    def answer(decide) -> Response | tuple[Response, int]:
+        """Body checks, then `decide(body)`; a BadReview is a 400, and an unforeseen
+        error still answers allowed (never block a pod) when the uid is known."""
         body, error = _read_review(settings)
         if error is not None:
             return error
         try:
-            outcome = admission.review(body, excluded_namespaces=state.excluded,
-                                       image_filter=state.image_filter)
+            return _json(decide(body))
         except admission.BadReview as bad:
             metrics.REVIEWS.labels("", "bad_request").inc()
             return _error(400, str(bad))
         except Exception:  # a bug must not turn into a 500 the API server retries on
-            logger.exception("unexpected error reviewing a request")
+            logger.exception("unexpected error answering %s", request.path)
             metrics.REVIEWS.labels("", "error").inc()
             uid = body.get("request", {}).get("uid") if isinstance(body, dict) else None
             if isinstance(uid, str) and uid:
                 return _json(admission.build_response(uid=uid))
             return _error(400, "review could not be processed")
+
+    def observe_review(body: Any) -> admission.AdmissionReview:
+        outcome = admission.review(body, excluded_namespaces=state.excluded,
+                                   image_filter=state.image_filter)
         if outcome.images:
             dropped = buffer.add(outcome.images, outcome.namespace, time.time())
             metrics.IMAGES_OBSERVED.inc(len(outcome.images))
@@ -131,29 +135,23 @@ def create_app(settings: Settings) -> Flask:
         if outcome.filtered:
             metrics.IMAGES_FILTERED.inc(len(outcome.filtered))
         metrics.REVIEWS.labels(outcome.kind, outcome.skipped or "observed").inc()
-        return _json(outcome.response)
+        return outcome.response
+
+    def mutate_review(body: Any) -> admission.AdmissionReview:
+        reply = admission.mutate(body, warm=state.flusher.warm_images(),
+                                 excluded_namespaces=state.excluded)
+        metrics.REVIEWS.labels("Pod", "mutated" if "patch" in reply["response"]
+                               else "mutate_unchanged").inc()
+        return reply
+
+    @app.post("/observe")
+    def observe():
+        return answer(observe_review)
 
     @app.post("/mutate")
     def mutate():
         """Optional (chart: mutate.enabled): Always -> IfNotPresent for warm images."""
-        body, error = _read_review(settings)
-        if error is not None:
-            return error
-        try:
-            answer = admission.mutate(body, warm=state.flusher.warm_images(),
-                                      excluded_namespaces=state.excluded)
-        except admission.BadReview as bad:
-            metrics.REVIEWS.labels("", "bad_request").inc()
-            return _error(400, str(bad))
-        except Exception:
-            logger.exception("unexpected error in /mutate")
-            uid = body.get("request", {}).get("uid") if isinstance(body, dict) else None
-            if isinstance(uid, str) and uid:  # allowed, unpatched: never block a pod
-                return _json(admission.build_response(uid=uid))
-            return _error(400, "review could not be processed")
-        metrics.REVIEWS.labels("Pod", "mutated" if "patch" in answer["response"]
-                               else "mutate_unchanged").inc()
-        return _json(answer)
+        return answer(mutate_review)
 
     @app.get("/healthz")
     def healthz():

@@ -7,7 +7,9 @@ cache. The executable is copied by a first initContainer from Prewarm's own imag
 emptyDir, so images without a shell or `/bin/true` (distroless, scratch) work too.
 
 Sharding: an image keeps the shard it was first placed in (recorded as `shard` in its
-learned-images record), new images go to the lowest shard with room. Adding an image
+learned-images record); new images go to the lowest shard with room, most used first.
+Inside a shard the pull order is stable (first seen), so only adding or removing an
+image changes a DaemonSet. Adding an image
 therefore changes one shard only, and a broken image can hold back at most the images
 after it in its own shard (and failing images are left out, see reconciler.py).
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from webhook import images
 from webhook.settings import Settings
@@ -49,18 +51,18 @@ def selector_labels(name: str) -> dict[str, str]:
 
 
 def usage(record: Record) -> int:
-    """How widely an image is used: namespaces it was seen in (more first)."""
+    """How widely an image is used: namespaces it was seen in."""
     return len(record.namespaces)
 
 
 def eligible(record: Record, now: float) -> bool:
-    """Failing images stay out of the DaemonSet until their retry time."""
+    """Failing images stay out of the DaemonSet until their retry time (a record without
+    a readable retry time is retried now rather than left out forever)."""
     if not record.state.startswith("failing"):
         return True
-    retry_at = record.extra.get("retryAt")
     try:
-        return bool(retry_at) and parse_time(str(retry_at)) <= now
-    except ValueError:
+        return parse_time(str(record.extra["retryAt"])) <= now
+    except (KeyError, ValueError):
         return True
 
 
@@ -71,7 +73,7 @@ def assign_shards(learned: LearnedSet, settings: Settings) -> dict[str, int]:
     size = settings.shard_size
     members: dict[int, list[Record]] = {}
     unplaced: list[Record] = []
-    for record in sorted(learned.records.values(), key=order_key):
+    for record in sorted(learned.records.values(), key=placement_key):
         shard = record.extra.get("shard")
         if isinstance(shard, int) and shard >= 0 and len(members.get(shard, [])) < size:
             members.setdefault(shard, []).append(record)
@@ -88,8 +90,16 @@ def assign_shards(learned: LearnedSet, settings: Settings) -> dict[str, int]:
     return changed
 
 
-def order_key(record: Record) -> tuple:
+def placement_key(record: Record) -> tuple:
+    """Most used first when images are placed in shards, so popular images land in
+    shard 0 and are pulled by the first DaemonSet."""
     return (-usage(record), record.first_seen, record.image)
+
+
+def pull_order_key(record: Record) -> tuple:
+    """Order of the pull containers inside a shard: stable (first seen), so an image
+    showing up in one more namespace never reorders, and so never rolls, a DaemonSet."""
+    return (record.first_seen, record.image)
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,7 @@ def plan(learned: LearnedSet, settings: Settings, *, now: float) -> list[Shard]:
             by_shard.setdefault(int(shard), []).append(record)
     by_shard.setdefault(0, [])
     return [Shard(index, shard_name(settings, index),
-                  tuple(r.image for r in sorted(by_shard[index], key=order_key)))
+                  tuple(r.image for r in sorted(by_shard[index], key=pull_order_key)))
             for index in sorted(by_shard)]
 
 
@@ -199,13 +209,3 @@ def spec_hash(spec: dict[str, Any]) -> str:
 def desired_daemonsets(learned: LearnedSet, settings: Settings, *,
                        now: float) -> list[dict[str, Any]]:
     return [desired_daemonset(shard, settings) for shard in plan(learned, settings, now=now)]
-
-
-def images_by_container(manifests: Iterable[dict[str, Any]]) -> dict[str, str]:
-    """pull-<hash> container name -> image, over the given DaemonSets."""
-    result = {}
-    for manifest in manifests:
-        for container in manifest["spec"]["template"]["spec"]["initContainers"]:
-            if container["name"].startswith("pull-"):
-                result[container["name"]] = container["image"]
-    return result

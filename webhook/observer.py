@@ -127,7 +127,7 @@ class Flusher:
                 self.flush()
                 if self._warm_wanted:
                     self._refresh_snapshot()
-            except Exception:  # the loop must survive anything; the batch was restored
+            except Exception:  # the loop must survive anything (flush restores its batch)
                 logger.exception("unexpected error while flushing learned images")
 
     def warm_images(self) -> frozenset[str]:
@@ -155,8 +155,8 @@ class Flusher:
         now = self.clock()
         if not force and now < self._next_attempt:
             return None
+        metrics.BUFFERED.set(len(self.buffer))  # sampled once per flush interval
         pending = self.buffer.drain()
-        metrics.BUFFERED.set(0)
         if not pending:
             return None
         pending = self._drop_known(pending, now)
@@ -171,7 +171,9 @@ class Flusher:
 
         try:
             snapshot = self.store.update(apply)
-        except StoreUnavailable as error:
+        except Exception as error:  # StoreUnavailable, or anything unforeseen: keep the batch
+            if not isinstance(error, StoreUnavailable):
+                logger.exception("unexpected error writing learned-images; batch kept")
             dropped = self.buffer.restore(pending)
             metrics.BUFFERED.set(len(self.buffer))
             if dropped:

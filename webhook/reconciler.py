@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from webhook import daemonset, images, metrics
+from webhook import admission, daemonset, images, metrics
 from webhook.kube import api_client
 from webhook.settings import Settings
 from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
@@ -38,10 +39,18 @@ from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUna
 logger = logging.getLogger(__name__)
 
 LEARN_LABEL = "prewarm.io/learn=enabled"
-FAILURE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
+# Waiting reasons that keep a pull container from finishing. The pull ones mean the image
+# cannot be had; the others (the helper cannot run in that image) would hold back every
+# image after it in the shard just the same, so they are handled alike.
+FAILURE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                   "CreateContainerError", "CreateContainerConfigError", "RunContainerError",
+                   "CrashLoopBackOff")
 FIELD_MANAGER = "prewarm-reconciler"
 TIMEOUT = (3, 30)
-STATUS_INTERVAL = 10.0
+
+
+class NotLeader(RuntimeError):
+    pass
 
 
 @dataclass
@@ -71,6 +80,8 @@ class Reconciler:
                                         name=settings.configmap,
                                         on_write=metrics.API_WRITES.labels("reconciler").inc)
         self.filter = images.ImageFilter(allow=settings.allow, deny=settings.deny)
+        # run() points this at the elector: a pass that outlives our lease stops writing
+        self.may_write: Callable[[], bool] = lambda: True
 
     # -- reading the cluster -------------------------------------------------------
     def _list_json(self, call, *args, **kwargs) -> Iterator[dict[str, Any]]:
@@ -99,19 +110,12 @@ class Reconciler:
             for pod in self._list_json(self.core.list_namespaced_pod, namespace,
                                        field_selector="status.phase!=Succeeded,"
                                                       "status.phase!=Failed"):
-                spec = pod.get("spec") or {}
-                for list_name in ("initContainers", "containers", "ephemeralContainers"):
-                    for container in spec.get(list_name) or []:
-                        raw = container.get("image")
-                        if not isinstance(raw, str):
-                            continue
-                        try:
-                            reference = images.parse(raw)
-                        except images.InvalidReference:
-                            continue
-                        if self.filter.check(reference) is not None:
-                            continue
-                        observed.setdefault(str(reference), Observation()).add(namespace, now)
+                try:
+                    found = admission.container_images(pod.get("spec") or {})
+                except admission.BadReview:
+                    continue  # not a pod spec we can read; the API server never sends one
+                for image in admission.learnable_images(found, self.filter).images:
+                    observed.setdefault(image, Observation()).add(namespace, now)
         return observed
 
     def prepuller_pods(self) -> list[dict[str, Any]]:
@@ -172,6 +176,7 @@ class Reconciler:
                                          containers)
             return changed
 
+        self._check_leader()
         snapshot = self.store.update(prepare)
         if result.backfilled:
             metrics.IMAGES_LEARNED.labels("backfill").inc(len(result.backfilled))
@@ -184,9 +189,14 @@ class Reconciler:
                            self.settings.failure_backoff, ", ".join(result.failing))
 
         desired = daemonset.desired_daemonsets(snapshot.learned, self.settings, now=now)
+        self._check_leader()
         result.daemonsets = self.apply(desired, live)
         metrics.RECONCILES.labels(result.outcome).inc()
         return result
+
+    def _check_leader(self) -> None:
+        if not self.may_write():
+            raise NotLeader("leadership lost during the pass; not writing")
 
     def apply(self, desired: list[dict[str, Any]],
               live: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -281,19 +291,37 @@ def owned_equal(live: dict[str, Any], desired: dict[str, Any]) -> bool:
 # -- leader election ------------------------------------------------------------------
 
 class LeaseElector:
-    """Lease-based leader election (coordination.k8s.io/v1), as client-go does it: the
-    holder renews every lease_duration/3; others take over once it has not been renewed
-    for lease_duration. Updates carry resourceVersion, so two candidates cannot both
-    win a race."""
+    """Lease-based leader election (coordination.k8s.io/v1), as client-go does it.
 
-    def __init__(self, api: client.ApiClient, settings: Settings, identity: str):
+    The holder renews every lease_duration/3 from its own thread, so a long reconcile
+    pass cannot let the lease lapse under it. A candidate takes over only when it has
+    *itself observed* no renewal for lease_duration (measured on its own monotonic
+    clock, not by comparing the holder's renewTime with its wall clock, so clock skew
+    between nodes cannot cause an early takeover). Updates carry resourceVersion, so two
+    candidates cannot both win a race. `is_leader()` is false as soon as our own last
+    successful renewal is older than the lease: a leader cut off from the API server
+    stops writing before anyone else can take over."""
+
+    def __init__(self, api: client.ApiClient, settings: Settings, identity: str,
+                 *, monotonic=time.monotonic):
         self.coordination = client.CoordinationV1Api(api)
         self.settings, self.identity = settings, identity
         self.duration = max(1, int(settings.lease_duration))
+        self.monotonic = monotonic
+        self._observed: tuple[str | None, Any] | None = None  # (holder, renewTime)
+        self._observed_at = 0.0
+        self._renewed_at: float | None = None  # last successful renewal of ours
+        self._stop = threading.Event()
+
+    def is_leader(self) -> bool:
+        return self._renewed_at is not None and \
+            self.monotonic() - self._renewed_at < self.duration
 
     def try_acquire(self) -> bool:
+        """One attempt to acquire or renew; True if we hold the lease now."""
         from datetime import datetime, timezone
 
+        started = self.monotonic()
         now = datetime.now(timezone.utc)
         name, namespace = self.settings.lease_name, self.settings.namespace
         try:
@@ -310,16 +338,18 @@ class LeaseElector:
             try:
                 self.coordination.create_namespaced_lease(namespace, body,
                                                           _request_timeout=TIMEOUT)
-                return True
             except ApiException as create_error:
                 if create_error.status == 409:
                     return False
                 raise
+            self._renewed_at = started
+            return True
         spec = lease.spec or client.V1LeaseSpec()
         holder = spec.holder_identity
-        renewed = spec.renew_time
-        expired = renewed is None or (now - renewed).total_seconds() > (
-            spec.lease_duration_seconds or self.duration)
+        record = (holder, spec.renew_time)
+        if record != self._observed:
+            self._observed, self._observed_at = record, started
+        expired = started - self._observed_at >= (spec.lease_duration_seconds or self.duration)
         if holder and holder != self.identity and not expired:
             return False
         if holder != self.identity:
@@ -336,7 +366,25 @@ class LeaseElector:
             if error.status == 409:
                 return False
             raise
+        self._renewed_at = started
         return True
+
+    def run(self, on_change) -> None:
+        """Keeps trying / renewing every lease_duration/3 until stopped; calls
+        on_change(leading) when leadership is gained or lost."""
+        leading = False
+        while not self._stop.is_set():
+            try:
+                self.try_acquire()
+            except Exception as error:  # API unreachable: is_leader() lapses by itself
+                logger.warning("leader election: %s", error)
+            if self.is_leader() != leading:
+                leading = not leading
+                on_change(leading)
+            self._stop.wait(max(0.2, self.duration / 3))
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 # -- the loop ---------------------------------------------------------------------------
@@ -369,21 +417,20 @@ def _watch_learned(reconciler: Reconciler, trigger: threading.Event,
         try:
             if resource_version is None:
                 resource_version = reconciler.store.read().resource_version
+                trigger.set()  # whatever changed while we were not watching
             stream = watch.Watch().stream(
                 reconciler.core.list_namespaced_config_map, settings.namespace,
                 field_selector=f"metadata.name={settings.configmap}",
-                resource_version=resource_version, timeout_seconds=300)
+                resource_version=resource_version, timeout_seconds=300,
+                # a half-open connection must not stall the watch forever
+                _request_timeout=(TIMEOUT[0], 330))
             for event in stream:
                 if stop.is_set():
                     return
-                obj = event["object"]
-                if event["type"] == "ERROR":
-                    resource_version = None  # 410 Gone: start again from a fresh list
-                    break
-                resource_version = obj.metadata.resource_version
+                resource_version = event["object"].metadata.resource_version
                 trigger.set()
         except ApiException as error:
-            if error.status == 410:
+            if error.status == 410:  # too old: start again from a fresh read
                 resource_version = None
                 continue
             logger.warning("watch on learned-images failed: %s", error)
@@ -411,47 +458,58 @@ def run(settings: Settings, *, once: bool = False) -> int:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     identity = settings.identity or f"{socket.gethostname()}-{os.getpid()}"
     elector = LeaseElector(reconciler.api, settings, identity)
+    reconciler.may_write = elector.is_leader
     stop, trigger = threading.Event(), threading.Event()
+    became_leader = threading.Event()
+
+    def on_change(leading: bool) -> None:
+        logger.info("%s leadership (%s)", "acquired" if leading else "lost", identity)
+        if leading:
+            became_leader.set()
+            trigger.set()
+
+    threading.Thread(target=elector.run, args=(on_change,), daemon=True,
+                     name="leader-election").start()
     threading.Thread(target=_watch_learned, args=(reconciler, trigger, stop), daemon=True,
                      name="watch-learned-images").start()
-    leading = False
-    last_full = 0.0
-    renew_every = max(1.0, settings.lease_duration / 3)
+    last_full = last_status = -math.inf  # the first pass as leader is a full one
     try:
         while True:
+            trigger.wait(1.0)
+            if not elector.is_leader():
+                trigger.clear()  # standby: the leader acts on changes
+                continue
+            now = time.monotonic()
+            if became_leader.is_set():
+                became_leader.clear()
+                last_full = -math.inf
+            full = now - last_full >= settings.resync_period
+            # prepuller pods change state without learned-images changing: look at
+            # them every status interval even when nothing else happens
+            due = trigger.is_set() or full or now - last_status >= settings.status_interval
+            if not due:
+                continue
+            trigger.clear()
             try:
-                is_leader = elector.try_acquire()
+                result = reconciler.reconcile_once(backfill=settings.backfill and full)
+                last_status = now
+                if full:
+                    last_full = now
+                if result.outcome != "unchanged" or full:
+                    logger.info("reconciled: %s", result.daemonsets)
             except Exception as error:
-                logger.warning("leader election: %s", error)
-                is_leader = False
-            if is_leader != leading:
-                leading = is_leader
-                logger.info("%s leadership (%s)", "acquired" if leading else "lost", identity)
-                last_full = 0.0
-            if leading:
-                now = time.monotonic()
-                full = now - last_full >= settings.resync_period
-                try:
-                    if full or trigger.is_set():
-                        trigger.clear()
-                        result = reconciler.reconcile_once(backfill=settings.backfill and full)
-                        logger.info("reconciled: %s", result.daemonsets)
-                        if full:
-                            last_full = now
-                    else:
-                        # pod statuses move without a learned-images change
-                        reconciler.reconcile_once(backfill=False)
-                except Exception as error:
-                    logger.warning("reconcile pass failed, retrying: %s", error)
-            trigger.wait(min(renew_every, STATUS_INTERVAL))
+                logger.warning("reconcile pass failed, retrying: %s", error)
+                stop.wait(2)
     except KeyboardInterrupt:
         stop.set()
+        elector.stop()
         return 0
 
 
 def render(settings: Settings) -> str:
     """The DaemonSets the reconciler would apply now, as YAML documents."""
     reconciler = Reconciler(settings)
+    reconciler.store.create_missing = False  # a read-only command creates nothing
     learned = reconciler.store.read().learned
     manifests = daemonset.desired_daemonsets(learned, settings, now=time.time())
     return yaml.safe_dump_all(manifests, sort_keys=False)

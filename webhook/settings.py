@@ -118,6 +118,8 @@ FIELDS: tuple[Field, ...] = (
     Field("shard_size", "100", int, "at most this many images per DaemonSet", RECONCILE),
     Field("resync_period", "5m", parse_duration, "full reconcile + backfill period",
           RECONCILE),
+    Field("status_interval", "10s", parse_duration, "how often the leader looks at the "
+          "prepuller pods' pull statuses when nothing else triggers a pass", RECONCILE),
     Field("backfill", "true", parse_bool, "learn images of running Pods in opted-in "
           "namespaces on start and every resync", RECONCILE),
     Field("failure_backoff", "30m", parse_duration, "a failing image is retried after this",
@@ -176,6 +178,7 @@ class Settings:
     daemonset: str = "prewarm-images"
     shard_size: int = 100
     resync_period: float = 300.0
+    status_interval: float = 10.0
     backfill: bool = True
     failure_backoff: float = 1800.0
     lease_name: str = "prewarm-reconciler"
@@ -250,6 +253,15 @@ def _validate(settings: Settings) -> None:
                  "buffer_max", "max_bytes"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"PREWARM_{name.upper()} must be at least 1")
+    for name in ("flush_interval", "resync_period", "status_interval", "lease_duration"):
+        if getattr(settings, name) <= 0:
+            raise SettingsError(f"PREWARM_{name.upper()} must be more than 0")
+    from webhook.images import ImageFilter
+
+    try:
+        ImageFilter(allow=settings.allow, deny=settings.deny)
+    except ValueError as error:
+        raise SettingsError(f"PREWARM_ALLOW / PREWARM_DENY: {error}") from None
     if settings.node_selector is not None and not isinstance(settings.node_selector, dict):
         raise SettingsError("PREWARM_NODE_SELECTOR must be a JSON object")
     if settings.tolerations is not None and not isinstance(settings.tolerations, list):

@@ -34,7 +34,6 @@ from webhook.settings import Settings
 logger = logging.getLogger(__name__)
 
 Source = Literal["admission", "backfill", "static", "configmap", "registry"]
-SOURCES: tuple[str, ...] = ("admission", "backfill", "static", "configmap", "registry")
 # An image is rarely used in many namespaces; past this we stop listing them so a
 # popular base image cannot grow its record without bound.
 MAX_NAMESPACES_PER_IMAGE = 20
@@ -80,12 +79,16 @@ class Record:
         doc = json.loads(text)
         if not isinstance(doc, dict) or not isinstance(doc.get("image"), str):
             raise ValueError("record is not a JSON object with an 'image'")
+        namespaces = doc.get("namespaces") or []
+        if not isinstance(namespaces, list) or not all(isinstance(n, str) for n in namespaces):
+            raise ValueError("'namespaces' is not a list of strings")
+        for name in ("firstSeen", "lastSeen", "source", "state"):
+            if not isinstance(doc.get(name, ""), str):
+                raise ValueError(f"{name!r} is not a string")
         known = {"image", "namespaces", "firstSeen", "lastSeen", "source", "state"}
-        return cls(image=doc["image"], namespaces=list(doc.get("namespaces") or []),
-                   first_seen=str(doc.get("firstSeen", "")),
-                   last_seen=str(doc.get("lastSeen", "")),
-                   source=str(doc.get("source", "admission")),
-                   state=str(doc.get("state", "pending")),
+        return cls(image=doc["image"], namespaces=list(namespaces),
+                   first_seen=doc.get("firstSeen", ""), last_seen=doc.get("lastSeen", ""),
+                   source=doc.get("source", "admission"), state=doc.get("state", "pending"),
                    extra={k: v for k, v in doc.items() if k not in known})
 
 
@@ -197,14 +200,21 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
                 result.changed = True
             continue
         namespaces = sorted(seen.namespaces)[:MAX_NAMESPACES_PER_IMAGE]
-        origin = namespaces[0] if namespaces else ""
         if len(learned.records) >= settings.max_images:
             result.refused.append((image, f"max images reached ({settings.max_images})"))
             continue
-        if origin and per_namespace.get(origin, 0) >= settings.max_images_per_namespace:
-            result.refused.append((image, f"max images per namespace reached for {origin} "
+        # The image is charged to one namespace it was seen in (listed first): one that
+        # still has room, so a full namespace does not block an image others use too.
+        origin = next((n for n in namespaces
+                       if per_namespace.get(n, 0) < settings.max_images_per_namespace), None)
+        if namespaces and origin is None:
+            result.refused.append((image, f"max images per namespace reached for "
+                                          f"{', '.join(namespaces)} "
                                           f"({settings.max_images_per_namespace})"))
             continue
+        if origin:
+            namespaces.remove(origin)
+            namespaces.insert(0, origin)
         record = Record(image=image, namespaces=namespaces, first_seen=rfc3339(seen.first),
                         last_seen=rfc3339(seen.last), source=source)
         entry = len(key) + len(record.to_json())

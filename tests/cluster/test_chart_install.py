@@ -133,10 +133,12 @@ def test_chart_identities_can_do_their_job_and_nothing_else(cluster, core, crds)
 
         api = as_sa(reconciler_sa)
         reconciler = client.CoreV1Api(api)
+        # what the reconciler needs succeeds (any 403 would raise here)
         reconciler.patch_namespaced_config_map("learned-images", namespace, patch)
-        assert reconciler.list_pod_for_all_namespaces(limit=1) is not None
-        assert reconciler.list_namespace(limit=1) is not None
-        reconciler.list_namespaced_config_map(namespace, field_selector="metadata.name=learned-images")
+        assert namespace in {ns.metadata.name for ns in reconciler.list_namespace().items}
+        assert reconciler.list_pod_for_all_namespaces(limit=1).kind == "PodList"
+        assert [cm.metadata.name for cm in reconciler.list_namespaced_config_map(
+            namespace, field_selector="metadata.name=learned-images").items] == ["learned-images"]
         client.CoordinationV1Api(api).patch_namespaced_lease(lease, namespace, patch)
         client.AppsV1Api(api).patch_namespaced_daemon_set("prewarm-images", namespace, patch)
         refused(lambda: reconciler.read_namespaced_secret("tenant-secret", namespace))

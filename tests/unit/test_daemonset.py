@@ -71,12 +71,31 @@ def test_same_input_gives_the_same_manifest_and_names_are_stable():
     assert daemonset.container_name("a.io/x:1") != daemonset.container_name("a.io/x:2")
 
 
-def test_images_used_in_more_namespaces_are_pulled_first():
+def test_more_used_images_are_placed_first_and_usage_changes_do_not_reorder():
+    settings = Settings(shard_size=2)
     learned = learned_with(["a.io/rare:1", "a.io/popular:1", "a.io/medium:1"],
                            namespaces_of=lambda i: [["a"], ["a", "b", "c"], ["a", "b"]][i])
+    persist(learned, settings)
+    first, second = daemonset.desired_daemonsets(learned, settings, now=NOW)
+
+    def pulls(manifest):
+        return [c["image"] for c in manifest["spec"]["template"]["spec"]["initContainers"][1:]]
+
+    # the two most used land in shard 0, in stable (first seen) order
+    assert sorted(pulls(first)) == ["a.io/medium:1", "a.io/popular:1"]
+    assert pulls(second) == ["a.io/rare:1"]
+    # the rare image becomes the most used: nothing moves, nothing rolls
+    learned.get("a.io/rare:1").namespaces.extend(["x", "y", "z", "w"])
+    persist(learned, settings)
+    assert daemonset.desired_daemonsets(learned, settings, now=NOW) == [first, second]
+
+
+def test_a_failing_record_without_retry_time_is_not_left_out_forever():
+    learned = learned_with(["a.io/x:1"])
+    learned.get("a.io/x:1").state = "failing: ErrImagePull"
     (manifest,) = daemonset.desired_daemonsets(learned, Settings(), now=NOW)
-    order = [c["image"] for c in manifest["spec"]["template"]["spec"]["initContainers"][1:]]
-    assert order == ["a.io/popular:1", "a.io/medium:1", "a.io/rare:1"]
+    assert [c["image"] for c in manifest["spec"]["template"]["spec"]["initContainers"][1:]] == [
+        "a.io/x:1"]
 
 
 def test_adding_one_image_to_300_changes_only_one_shard():

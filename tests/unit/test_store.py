@@ -143,3 +143,26 @@ def test_unparseable_last_seen_counts_as_stale(bad):
     record = Record(image="a.io/x:1", namespaces=["ns"], first_seen=bad, last_seen=bad,
                     source="admission")
     assert needs_write(record, seen("ns"), refresh=3600)
+
+
+def test_per_namespace_cap_charges_a_namespace_that_still_has_room():
+    learned = LearnedSet()
+    settings = Settings(max_images_per_namespace=1)
+    merge(learned, {"a.io/first:1": seen("aaa")}, source="admission", settings=settings)
+    result = merge(learned, {"a.io/shared:1": seen("aaa", "zzz")}, source="backfill",
+                   settings=settings)
+    assert result.added == ["a.io/shared:1"]
+    assert learned.get("a.io/shared:1").namespaces == ["zzz", "aaa"]  # charged to zzz
+    refused = merge(learned, {"a.io/third:1": seen("aaa", "zzz")}, source="admission",
+                    settings=settings)
+    assert refused.added == [] and "aaa, zzz" in refused.refused[0][1]
+
+
+@pytest.mark.parametrize("value", ['{"image":"a.io/x:1","namespaces":"team-a"}',
+                                   '{"image":"a.io/x:1","namespaces":[{"a":1}]}',
+                                   '{"image":"a.io/x:1","lastSeen":5}'])
+def test_records_of_the_wrong_shape_are_kept_verbatim_not_misread(value):
+    learned = LearnedSet.decode({"k": value})
+    assert learned.records == {} and learned.unparsed == {"k": value}
+    merge(learned, {"a.io/y:1": seen("ns")}, source="admission", settings=Settings())
+    assert learned.encode()["k"] == value

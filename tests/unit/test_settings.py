@@ -1,0 +1,69 @@
+"""Settings: one table of flags/variables/defaults, parsed and validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from webhook import settings as settings_module
+from webhook.observer import Flusher, ImageBuffer
+from webhook.settings import FIELDS, Settings, SettingsError, load
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=[f.name for f in FIELDS])
+def test_dataclass_defaults_equal_the_documented_defaults(field):
+    """FIELDS (what --help and the README show) and the Settings dataclass agree."""
+    default = {f.name: f for f in dataclasses.fields(Settings)}[field.name]
+    value = default.default_factory() if default.default_factory is not dataclasses.MISSING \
+        else default.default
+    if field.name == "namespace":
+        assert value == "default"  # resolved at load time (the pod's own namespace)
+        return
+    assert value == field.parse(field.default)
+
+
+def test_environment_is_parsed_and_flags_win():
+    parsed = load(environ={"PREWARM_NAMESPACE": "pw", "PREWARM_IMAGE_TTL": "12h",
+                           "PREWARM_DENY": "docker.io/library, ghcr.io/evil",
+                           "PREWARM_TOLERATIONS": '[{"operator": "Exists"}]'})
+    assert parsed.namespace == "pw" and parsed.image_ttl == 12 * 3600
+    assert parsed.deny == ("docker.io/library", "ghcr.io/evil")
+    assert parsed.tolerations == [{"operator": "Exists"}]
+    assert "pw" in parsed.excluded_namespaces and "kube-system" in parsed.excluded_namespaces
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"PREWARM_ALLOW": "ghcr.io/ac*"}, "PREWARM_ALLOW"),
+    ({"PREWARM_DENY": "nginx:latest"}, "PREWARM_DENY"),
+    ({"PREWARM_FLUSH_INTERVAL": "0s"}, "PREWARM_FLUSH_INTERVAL"),
+    ({"PREWARM_SHARD_SIZE": "0"}, "PREWARM_SHARD_SIZE"),
+    ({"PREWARM_IMAGE_TTL": "forever"}, "PREWARM_IMAGE_TTL"),
+    ({"PREWARM_NODE_SELECTOR": "[1]"}, "PREWARM_NODE_SELECTOR"),
+    ({"PREWARM_BACKFILL": "maybe"}, "PREWARM_BACKFILL"),
+])
+def test_bad_values_are_refused_naming_the_variable(environ, message):
+    with pytest.raises(SettingsError) as error:
+        load(environ={"PREWARM_NAMESPACE": "pw", **environ})
+    assert message in str(error.value)
+
+
+class _BrokenStore:
+    """A store whose write fails with an error nobody planned for."""
+
+    def update(self, mutate):
+        raise TypeError("unforeseen")
+
+
+def test_a_failed_flush_keeps_the_whole_batch_for_the_next_attempt():
+    buffer = ImageBuffer(limit=100)
+    flusher = Flusher(buffer, _BrokenStore, Settings(namespace="pw"), clock=lambda: 1000.0)
+    buffer.add(["a.io/x:1", "a.io/y:1"], "team", 999.0)
+    assert flusher.flush() is None
+    assert sorted(buffer.drain()) == ["a.io/x:1", "a.io/y:1"]
+    assert flusher.last_error
+
+
+def test_settings_module_has_one_entry_per_dataclass_field():
+    assert {f.name for f in FIELDS} == {f.name for f in dataclasses.fields(Settings)}
+    assert settings_module.parse_duration("1.5m") == 90
