@@ -16,13 +16,10 @@ import argparse
 import http.client
 import json
 import os
-import resource
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -106,6 +106,37 @@ def webhook_for_url(config: dict, url: str, ca_pem: bytes, name: str) -> dict:
     return config
 
 
+def register_chart_webhook(plane, observer, release_ns: str, *sets: str,
+                           kind: str = "ValidatingWebhookConfiguration") -> tuple[str, dict]:
+    """Registers the chart's webhook configuration of `kind`, pointed at `observer`;
+    returns its name and the chart's version of it. Undo with unregister_webhook."""
+    from kubernetes import client
+
+    config = chart_object(helm_template(release_ns, *sets), kind)
+    suffix = "observe" if kind.startswith("Validating") else "mutate"
+    name = f"{release_ns}-{suffix}"
+    api = client.AdmissionregistrationV1Api(plane.api_client())
+    body = webhook_for_url(config, observer.url, observer.ca, name)
+    if kind.startswith("Validating"):
+        api.create_validating_webhook_configuration(body)
+    else:
+        api.create_mutating_webhook_configuration(body)
+    return name, config
+
+
+def unregister_webhook(plane, name: str, kind: str = "ValidatingWebhookConfiguration") -> None:
+    from kubernetes import client
+
+    api = client.AdmissionregistrationV1Api(plane.api_client())
+    try:
+        if kind.startswith("Validating"):
+            api.delete_validating_webhook_configuration(name)
+        else:
+            api.delete_mutating_webhook_configuration(name)
+    except client.ApiException:
+        pass
+
+
 # -- the observer as a real gunicorn server --------------------------------------------
 
 class Observer:

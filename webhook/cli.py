@@ -7,7 +7,6 @@ Every setting is a flag with a `PREWARM_*` environment equivalent (see settings.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from hack.controlplane import find_binary
-from tests.support import (Observer, chart_object, eventually, helm_template, learned_images,
-                           new_namespace_name, webhook_for_url)
+from tests.support import (Observer, eventually, learned_images, new_namespace_name,
+                           register_chart_webhook, unregister_webhook)
 from webhook.settings import Settings
 from webhook.store import LearnedImagesStore, Observation, merge
 
@@ -71,21 +69,15 @@ def setup(cluster, core, tmp_path_factory):
     core.create_namespace({"metadata": {"name": unlabelled}})
     workdir = tmp_path_factory.mktemp("observer")
     observer = Observer(cluster, release_ns, workdir)
-    admission = client.AdmissionregistrationV1Api(cluster.api_client())
     name = f"{release_ns}-observe"
     try:
-        config = chart_object(helm_template(release_ns), "ValidatingWebhookConfiguration")
-        admission.create_validating_webhook_configuration(
-            webhook_for_url(config, observer.url, observer.ca, name))
+        name, _ = register_chart_webhook(cluster, observer, release_ns)
         state = Setup(cluster, core, release_ns, observer, labelled, unlabelled, name)
         # the API server picks the configuration up asynchronously: wait until it calls us
         eventually("webhook active", lambda: _try_sentinel(state), timeout=60, interval=1)
         yield state
     finally:
-        try:
-            admission.delete_validating_webhook_configuration(name)
-        except client.ApiException:
-            pass
+        unregister_webhook(cluster, name)
         observer.stop()
         for namespace in (release_ns, labelled, unlabelled):
             core.delete_namespace(namespace)
@@ -240,7 +232,6 @@ def test_eight_concurrent_writers_lose_no_image(cluster, core):
     core.create_namespace({"metadata": {"name": namespace}})
     settings = Settings(namespace=namespace, max_images=5000, max_images_per_namespace=5000)
     now = time.time()
-    conflicts = []
 
     def writer(index: int) -> None:
         api = client.CoreV1Api(cluster.api_client())
@@ -266,20 +257,11 @@ def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core
     core.create_namespace({"metadata": {"name": release_ns}})
     core.create_namespace({"metadata": {"name": target, "labels": LEARN}})
     observer = Observer(cluster, release_ns, tmp_path)
-    admission = client.AdmissionregistrationV1Api(cluster.api_client())
     name = f"{release_ns}-observe"
     try:
-        config = chart_object(helm_template(release_ns), "ValidatingWebhookConfiguration")
-        admission.create_validating_webhook_configuration(
-            webhook_for_url(config, observer.url, observer.ca, name))
-
-        def learned_probe() -> bool:
-            image = f"probe.example.com/p:{uuid.uuid4().hex[:6]}"
-            core.create_namespaced_pod(target, pod(f"p-{uuid.uuid4().hex[:6]}", image))
-            return eventually("probe", lambda: image in learned_images(core, release_ns),
-                              timeout=3)
-
-        eventually("webhook active", lambda: _quiet(learned_probe), timeout=60, interval=1)
+        name, config = register_chart_webhook(cluster, observer, release_ns)
+        probe = Setup(cluster, core, release_ns, observer, target, "", name)
+        eventually("webhook active", lambda: _try_sentinel(probe), timeout=60, interval=1)
         observer.process.stop(sig=9)
         started = time.monotonic()
         created = core.create_namespaced_pod(target, pod("after-kill", "nginx:1.27"))
@@ -288,20 +270,10 @@ def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core
         timeout = config["webhooks"][0]["timeoutSeconds"]
         assert timeout <= 5 and elapsed < timeout + 3
     finally:
-        try:
-            admission.delete_validating_webhook_configuration(name)
-        except client.ApiException:
-            pass
+        unregister_webhook(cluster, name)
         observer.stop()
         core.delete_namespace(release_ns)
         core.delete_namespace(target)
-
-
-def _quiet(check) -> bool:
-    try:
-        return bool(check())
-    except Exception:
-        return False
 
 
 def test_images_buffered_while_the_api_server_is_down_are_written_when_it_returns(
@@ -336,13 +308,11 @@ def test_optional_mutate_endpoint_relaxes_pull_policy_of_warm_images(setup, core
     namespace = new_namespace_name("relaxed")
     core.create_namespace({"metadata": {"name": namespace, "labels": {
         **LEARN, "prewarm.io/pull-policy": "IfNotPresent"}}})
-    admission_api = client.AdmissionregistrationV1Api(setup.cluster.api_client())
+    mutating = "MutatingWebhookConfiguration"
     name = f"{setup.release_ns}-mutate"
     try:
-        config = chart_object(helm_template(setup.release_ns, "mutate.enabled=true"),
-                              "MutatingWebhookConfiguration")
-        admission_api.create_mutating_webhook_configuration(
-            webhook_for_url(config, setup.observer.url, setup.observer.ca, name))
+        name, _ = register_chart_webhook(setup.cluster, setup.observer, setup.release_ns,
+                                         "mutate.enabled=true", kind=mutating)
         # the reconciler would mark it warm once pulled everywhere; here we write it
         store = LearnedImagesStore(core, namespace=setup.release_ns, name="learned-images")
 
@@ -367,8 +337,5 @@ def test_optional_mutate_endpoint_relaxes_pull_policy_of_warm_images(setup, core
             "containers": [{"name": "a", "image": "cold.example.com/app:latest"}]}})
         assert cold.spec.containers[0].image_pull_policy == "Always"
     finally:
-        try:
-            admission_api.delete_mutating_webhook_configuration(name)
-        except client.ApiException:
-            pass
+        unregister_webhook(setup.cluster, name, mutating)
         core.delete_namespace(namespace)
