@@ -275,7 +275,15 @@ else:
         return run
     timed("first pass (creates DaemonSets)", one(True))
     timed("steady pass (watch-triggered)", one(False))
-    timed("resync pass (with backfill)", one(True))
+    timed("resync pass, backfill by listing", one(True))
+    import threading
+    from webhook.podcache import PodImages
+    reconciler.pod_images = PodImages(core, reconciler.filter)
+    stop = threading.Event()
+    threading.Thread(target=reconciler.pod_images.run, args=(stop,), daemon=True).start()
+    reconciler.pod_images.synced.wait(120)  # the continuous reconciler lists once at start
+    timed("resync pass, backfill from pod watch", one(True))
+    stop.set()
 figures["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(figures))
 """
@@ -329,10 +337,11 @@ def bench_reconciler(args) -> None:
                 if name != "peak_mib":
                     print(f"{name:36}{figure['seconds']:>9.2f}  {figure['detail']}")
         floor = runs["baselines"]["list pods, raw JSON (floor)"]["seconds"]
-        resync = runs["reconcile"]["resync pass (with backfill)"]["seconds"]
+        listing = runs["reconcile"]["resync pass, backfill by listing"]["seconds"]
+        watched = runs["reconcile"]["resync pass, backfill from pod watch"]["seconds"]
         steady = runs["reconcile"]["steady pass (watch-triggered)"]["seconds"]
-        print(f"resync pass / raw list of the pods: {resync / floor:.2f}; steady pass: "
-              f"{steady:.2f} s (target < 2 s)")
+        print(f"resync pass by listing / raw list of the pods: {listing / floor:.2f}; with "
+              f"the pod watch: {watched:.2f} s; steady pass: {steady:.2f} s (target < 2 s)")
         print(f"peak memory: reconciler {runs['reconcile']['peak_mib']:.0f} MiB, listing as "
               f"models {runs['baselines']['peak_mib']:.0f} MiB (target < 150 MiB)")
     finally:

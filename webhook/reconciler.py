@@ -32,6 +32,7 @@ from kubernetes.client.exceptions import ApiException
 
 from webhook import admission, daemonset, images, metrics
 from webhook.kube import api_client
+from webhook.podcache import PodImages
 from webhook.settings import Settings
 from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
                            expire, merge, rfc3339)
@@ -82,6 +83,8 @@ class Reconciler:
         self.filter = images.ImageFilter(allow=settings.allow, deny=settings.deny)
         # run() points this at the elector: a pass that outlives our lease stops writing
         self.may_write: Callable[[], bool] = lambda: True
+        # run() sets a watched pod cache for backfill; --once lists the pods instead
+        self.pod_images: PodImages | None = None
 
     # -- reading the cluster -------------------------------------------------------
     def _list_json(self, call, *args, **kwargs) -> Iterator[dict[str, Any]]:
@@ -105,6 +108,9 @@ class Reconciler:
 
     def backfill_observations(self) -> dict[str, Observation]:
         now = self.clock()
+        if self.pod_images is not None and self.pod_images.synced.is_set():
+            # continuous mode: the watched cache, no re-list of every pod
+            return self.pod_images.observations(set(self.opted_in_namespaces()), now)
         observed: dict[str, Observation] = {}
         for namespace in self.opted_in_namespaces():
             for pod in self._list_json(self.core.list_namespaced_pod, namespace,
@@ -472,6 +478,10 @@ def run(settings: Settings, *, once: bool = False) -> int:
                      name="leader-election").start()
     threading.Thread(target=_watch_learned, args=(reconciler, trigger, stop), daemon=True,
                      name="watch-learned-images").start()
+    if settings.backfill:
+        reconciler.pod_images = PodImages(reconciler.core, reconciler.filter)
+        threading.Thread(target=reconciler.pod_images.run, args=(stop,), daemon=True,
+                         name="watch-pods").start()
     last_full = last_status = -math.inf  # the first pass as leader is a full one
     try:
         while True:

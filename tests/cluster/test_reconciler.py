@@ -267,3 +267,40 @@ def test_status_lists_images_with_state_and_warm_nodes(cluster, core, prewarm_ns
                              capture_output=True, text=True, timeout=60)
     assert {r["image"] for r in json.loads(as_json.stdout)} == {
         "docker.io/library/nginx:1.27", "ghcr.io/acme/api:v3"}
+
+
+def test_backfill_from_the_watched_pod_cache_follows_pods_without_relisting(
+        cluster, core, prewarm_ns, namespace_factory):
+    import threading
+
+    from webhook.images import ImageFilter
+    from webhook.podcache import PodImages
+
+    team = namespace_factory("team", {"prewarm.io/learn": "enabled"})
+    quiet = namespace_factory("quiet")
+    cache = PodImages(core, ImageFilter())
+    stop = threading.Event()
+    watcher = threading.Thread(target=cache.run, args=(stop,), daemon=True)
+    watcher.start()
+    try:
+        eventually("pod cache synced", cache.synced.is_set, timeout=30)
+        # created after the list: only the watch can bring these in
+        core.create_namespaced_pod(team, {"metadata": {"name": "late"}, "spec": {
+            "containers": [{"name": "c", "image": "cache.example.com/late:1"}]}})
+        core.create_namespaced_pod(quiet, {"metadata": {"name": "late"}, "spec": {
+            "containers": [{"name": "c", "image": "cache.example.com/quiet:1"}]}})
+        seen = eventually("the new pod's image in the cache", lambda: (lambda o: o if
+                          "cache.example.com/late:1" in o else None)(
+            cache.observations({team}, 0.0)), timeout=30)
+        assert seen["cache.example.com/late:1"].namespaces == {team}
+        assert "cache.example.com/quiet:1" not in seen  # not an opted-in namespace
+
+        reconciler = Reconciler(settings_for(prewarm_ns, backfill=True), cluster.api_client())
+        reconciler.pod_images = cache
+        assert "cache.example.com/late:1" in reconciler.reconcile_once().backfilled
+
+        core.delete_namespaced_pod("late", team, grace_period_seconds=0)
+        eventually("the deleted pod gone from the cache", lambda: "cache.example.com/late:1"
+                   not in cache.observations({team}, 0.0), timeout=30)
+    finally:
+        stop.set()

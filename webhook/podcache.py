@@ -1,0 +1,120 @@
+"""The images of every running Pod, kept current by list + watch (an informer that keeps
+only what backfill needs).
+
+Listing 20,000 pods costs the API server seconds of work at each resync; a watch costs
+it almost nothing between changes. Per pod we keep the tuple of its learnable images
+(normalized, allowed), a few hundred bytes, not the object. Pods of every namespace are
+kept, so a namespace labelled later is backfilled at the next pass without a re-list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
+
+from webhook import admission, images
+from webhook.store import Observation
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT = (3, 330)  # a watch is closed by the server after timeout_seconds=300
+DONE_PHASES = ("Succeeded", "Failed")
+
+
+def learnable(pod: dict[str, Any], image_filter: images.ImageFilter) -> tuple[str, ...]:
+    """The learnable images of a pod, () for a finished or unreadable one."""
+    if (pod.get("status") or {}).get("phase") in DONE_PHASES:
+        return ()
+    try:
+        found = admission.container_images(pod.get("spec") or {})
+    except admission.BadReview:
+        return ()
+    return admission.learnable_images(found, image_filter).images
+
+
+class PodImages:
+    def __init__(self, core: client.CoreV1Api, image_filter: images.ImageFilter):
+        self.core, self.filter = core, image_filter
+        self._pods: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+        self.synced = threading.Event()
+
+    def _key(self, pod: dict[str, Any]) -> tuple[str, str]:
+        meta = pod.get("metadata") or {}
+        return meta.get("namespace", ""), meta.get("name", "")
+
+    def relist(self) -> str:
+        """Replaces the cache with a fresh list; returns the list's resourceVersion."""
+        pods: dict[tuple[str, str], tuple[str, ...]] = {}
+        token, version = None, ""
+        while True:
+            response = self.core.list_pod_for_all_namespaces(
+                limit=500, _continue=token, _preload_content=False, _request_timeout=TIMEOUT)
+            body = json.loads(response.data)
+            for pod in body.get("items") or []:
+                found = learnable(pod, self.filter)
+                if found:
+                    pods[self._key(pod)] = found
+            metadata = body.get("metadata") or {}
+            version = metadata.get("resourceVersion", version)
+            token = metadata.get("continue")
+            if not token:
+                break
+        with self._lock:
+            self._pods = pods
+        return version
+
+    def apply(self, kind: str, pod: dict[str, Any]) -> None:
+        key = self._key(pod)
+        found = () if kind == "DELETED" else learnable(pod, self.filter)
+        with self._lock:
+            if found:
+                self._pods[key] = found
+            else:
+                self._pods.pop(key, None)
+
+    def run(self, stop: threading.Event) -> None:
+        version: str | None = None
+        while not stop.is_set():
+            try:
+                if version is None:
+                    version = self.relist()
+                    self.synced.set()
+                for event in watch.Watch().stream(
+                        self.core.list_pod_for_all_namespaces, resource_version=version,
+                        timeout_seconds=300, allow_watch_bookmarks=True, deserialize=False,
+                        _request_timeout=TIMEOUT):
+                    if stop.is_set():
+                        return
+                    kind, obj = event["type"], event["object"]
+                    if kind == "ERROR":  # e.g. 410 Gone sent as an event: list again
+                        version = None
+                        break
+                    version = (obj.get("metadata") or {}).get("resourceVersion", version)
+                    if kind != "BOOKMARK":
+                        self.apply(kind, obj)
+            except ApiException as error:
+                if error.status != 410:
+                    logger.warning("pod watch failed: %s", error)
+                    stop.wait(5)
+                version = None  # too old or broken: start again from a fresh list
+            except Exception as error:  # connection errors
+                logger.warning("pod watch failed: %s", error)
+                version = None
+                stop.wait(5)
+
+    def observations(self, namespaces: set[str], now: float) -> dict[str, Observation]:
+        """image -> Observation over the running pods of `namespaces`."""
+        observed: dict[str, Observation] = {}
+        with self._lock:
+            entries = list(self._pods.items())
+        for (namespace, _name), found in entries:
+            if namespace in namespaces:
+                for image in found:
+                    observed.setdefault(image, Observation()).add(namespace, now)
+        return observed
