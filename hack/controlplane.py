@@ -137,10 +137,14 @@ class Process:
             return False
         except PermissionError:
             return True
-        # a zombie child of an exited `up` is not running
+        # a zombie child of an exited `up` is not running, and after a reboot or PID reuse
+        # the pid may belong to something else: only ours if it runs the same binary
         try:
             with open(f"/proc/{self.pid}/stat", encoding="ascii") as handle:
-                return handle.read().split(")")[-1].split()[0] != "Z"
+                if handle.read().split(")")[-1].split()[0] == "Z":
+                    return False
+            with open(f"/proc/{self.pid}/cmdline", "rb") as handle:
+                return os.path.basename(handle.read().split(b"\0")[0]).decode() == self.name
         except OSError:
             return False
 

@@ -151,3 +151,35 @@ def test_service_account_kubeconfig_is_refused_what_rbac_does_not_grant(cluster,
     with pytest.raises(client.ApiException) as refused:
         user.list_namespace()
     assert refused.value.status == 403 and "jane" in refused.value.body
+
+
+def test_make_cluster_runs_in_the_background_and_cluster_down_leaves_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from hack.controlplane import ControlPlane, find_binary
+    from tests.support import REPO
+
+    state = tmp_path / "cluster"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    up = subprocess.run([sys.executable, "-m", "hack.controlplane", "up", "--nodes", "1",
+                         "--dir", str(state)], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=180)
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.strip() == f"export KUBECONFIG={state / 'admin.kubeconfig'}"
+    pids = [p.pid for p in ControlPlane.from_state(state).processes]
+    try:
+        # `up` has exited; the control plane keeps serving
+        nodes = subprocess.run([str(find_binary("kubectl")), "--kubeconfig",
+                                str(state / "admin.kubeconfig"), "get", "nodes", "-o", "name"],
+                               capture_output=True, text=True, timeout=60)
+        assert nodes.stdout.split() == ["node/kwok-node-0"], nodes.stderr
+    finally:
+        down = subprocess.run([sys.executable, "-m", "hack.controlplane", "down", "--dir",
+                               str(state)], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not state.exists()
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")
+                and open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"]
