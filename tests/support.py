@@ -164,8 +164,8 @@ class Observer:
                           "--tls-cert-file", str(workdir / "tls.crt"),
                           "--tls-key-file", str(workdir / "tls.key"),
                           "--namespace", namespace, "--workers", str(workers)),
-            python_env(KUBECONFIG=str(kubeconfig or plane.kubeconfig),
-                       PREWARM_FLUSH_INTERVAL="0.2s", **(env or {})),
+            python_env(**{"KUBECONFIG": str(kubeconfig or plane.kubeconfig),
+                          "PREWARM_FLUSH_INTERVAL": "0.2s", **(env or {})}),
             workdir / "observer.log")
         wait_for("observer /healthz", lambda: self.get("/healthz")[0] == 200, timeout=30,
                  alive=self.process.alive)

@@ -339,3 +339,26 @@ def test_optional_mutate_endpoint_relaxes_pull_policy_of_warm_images(setup, core
     finally:
         unregister_webhook(setup.cluster, name, mutating)
         core.delete_namespace(namespace)
+
+
+def test_a_graceful_stop_writes_what_the_workers_buffered(cluster, core, tmp_path):
+    """A rolling restart (SIGTERM) must not lose reviewed images: with an hour between
+    flushes, only the workers' exit flush can write them."""
+    namespace = new_namespace_name("restart")
+    core.create_namespace({"metadata": {"name": namespace}})
+    observer = Observer(cluster, namespace, tmp_path, env={"PREWARM_FLUSH_INTERVAL": "1h"})
+    try:
+        images = [f"restart.example.com/img-{i}:1" for i in range(20)]
+        for index, image in enumerate(images):
+            body = _review(uid=f"r-{index}", namespace="team",
+                           object={"spec": {"containers": [{"image": image}]}})
+            status, _ = observer.request("POST", "/observe", body, JSON)
+            assert status == 200
+        assert learned_images(core, namespace) == {}  # nothing written yet
+        observer.process.stop(sig=15)
+        assert observer.process.popen.returncode == 0
+        learned = learned_images(core, namespace)
+        assert sorted(learned) == sorted(images)
+    finally:
+        observer.stop()
+        core.delete_namespace(namespace)
