@@ -304,3 +304,27 @@ def test_backfill_from_the_watched_pod_cache_follows_pods_without_relisting(
                    not in cache.observations({team}, 0.0), timeout=30)
     finally:
         stop.set()
+
+
+def test_a_stopped_leader_releases_its_lease(cluster, prewarm_ns, tmp_path):
+    env = python_env(KUBECONFIG=str(cluster.kubeconfig), PREWARM_NAMESPACE=prewarm_ns,
+                     PREWARM_HELPER_IMAGE="ghcr.io/prewarm/prewarm:test",
+                     PREWARM_HEALTH_PORT="0", PREWARM_IDENTITY="replica-x",
+                     PREWARM_BACKFILL="false")
+    process = Process(python_module("webhook", "reconcile"), env, tmp_path / "reconciler.log")
+    leases = client.CoordinationV1Api(cluster.api_client())
+
+    def holder():
+        try:
+            return leases.read_namespaced_lease("prewarm-reconciler", prewarm_ns).spec.holder_identity
+        except client.ApiException:
+            return None
+
+    try:
+        eventually("replica-x leading", lambda: holder() == "replica-x", timeout=60)
+        process.stop(sig=15)
+        assert process.popen.returncode == 0, process.output()[-2000:]
+        assert holder() is None  # a standby can take over at once
+        assert "released the lease" in process.output()
+    finally:
+        process.stop()
