@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.log_level)
     try:
         if args.command == "serve":
-            from webhook.kube import api_client
+            from webhook.kube import check_config
             from webhook.server import serve
 
-            api_client().close()  # no usable kubeconfig: say so now, not at the first flush
+            check_config()  # no usable kubeconfig: say so now, not at the first flush
             # The kubernetes client imports its (pydantic) models lazily, which costs
             # seconds of CPU under the GIL. Done here, in the master, the workers inherit
             # them through fork instead of paying for them while answering reviews.

@@ -12,6 +12,22 @@ class KubeconfigError(RuntimeError):
     pass
 
 
+def check_config(kubeconfig: str | None = None) -> None:
+    """Fails with KubeconfigError if no usable configuration exists, without building a
+    client. The client writes a kubeconfig's embedded certificates to temp files that
+    it deletes at exit: built in gunicorn's master, those files would be shared by the
+    forked workers, and the first worker to exit would delete them under the others."""
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    if kubeconfig or os.environ.get("KUBECONFIG") or os.path.exists(path):
+        try:
+            config.list_kube_config_contexts(config_file=path.split(os.pathsep)[0])
+        except Exception as error:
+            raise KubeconfigError(f"kubeconfig {path} is not usable: {error}") from None
+        return
+    if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        raise KubeconfigError("no kubeconfig (set KUBECONFIG) and not running in a cluster")
+
+
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
     path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     if kubeconfig or os.environ.get("KUBECONFIG") or os.path.exists(path):

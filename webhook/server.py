@@ -116,6 +116,14 @@ class ObserverServer(BaseApplication):
                 reloader[pid] = CertReloader(s.tls_cert_file, s.tls_key_file)
             return reloader[pid].context()
 
+        def post_fork(_server, _worker) -> None:
+            # Files the kubernetes client cached before the fork (a kubeconfig's embedded
+            # certificates) are deleted by whichever process exits first: each worker
+            # makes its own (see kube.check_config).
+            from kubernetes.config import kube_config
+
+            kube_config._temp_files = {}
+
         def post_worker_init(worker) -> None:
             # gthread hands each request from the accepting loop to a pool thread; with
             # CPython's default 5 ms GIL switch interval that handoff alone can add
@@ -148,6 +156,7 @@ class ObserverServer(BaseApplication):
             "certfile": s.tls_cert_file,
             "keyfile": s.tls_key_file,
             "ssl_context": ssl_context,
+            "post_fork": post_fork,
             "post_worker_init": post_worker_init,
             "worker_exit": worker_exit,
             "child_exit": child_exit,
