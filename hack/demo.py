@@ -84,7 +84,15 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
+def _interrupt(*_args) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # SIGTERM (a CI timeout, `kill`) must run the cleanup below like Ctrl-C does: the
+    # control plane and the Prewarm processes run in sessions of their own and would
+    # otherwise outlive the demo
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="prewarm-demo-"))
     processes: list[subprocess.Popen] = []
@@ -219,7 +227,6 @@ def main() -> int:
             return 0
         print(f"\nexplore with:\n  export KUBECONFIG={kubeconfig}\n  kubectl get configmap "
               f"learned-images -n {NAMESPACE} -o yaml\nCtrl-C stops everything.")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while True:
             signal.pause()
     except KeyboardInterrupt:
