@@ -9,7 +9,6 @@ kept, so a namespace labelled later is backfilled at the next pass without a re-
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from typing import Any
@@ -18,11 +17,12 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from webhook import admission, images
+from webhook.kube import list_pages
 from webhook.store import Observation
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT = (3, 330)  # a watch is closed by the server after timeout_seconds=300
+WATCH_TIMEOUT = (3, 330)  # the server closes a watch after timeout_seconds=300
 DONE_PHASES = ("Succeeded", "Failed")
 
 
@@ -51,20 +51,13 @@ class PodImages:
     def relist(self) -> str:
         """Replaces the cache with a fresh list; returns the list's resourceVersion."""
         pods: dict[tuple[str, str], tuple[str, ...]] = {}
-        token, version = None, ""
-        while True:
-            response = self.core.list_pod_for_all_namespaces(
-                limit=500, _continue=token, _preload_content=False, _request_timeout=TIMEOUT)
-            body = json.loads(response.data)
-            for pod in body.get("items") or []:
+        version = ""
+        for page in list_pages(self.core.list_pod_for_all_namespaces):
+            for pod in page.get("items") or []:
                 found = learnable(pod, self.filter)
                 if found:
                     pods[self._key(pod)] = found
-            metadata = body.get("metadata") or {}
-            version = metadata.get("resourceVersion", version)
-            token = metadata.get("continue")
-            if not token:
-                break
+            version = (page.get("metadata") or {}).get("resourceVersion", version)
         with self._lock:
             self._pods = pods
         return version
@@ -88,7 +81,7 @@ class PodImages:
                 for event in watch.Watch().stream(
                         self.core.list_pod_for_all_namespaces, resource_version=version,
                         timeout_seconds=300, allow_watch_bookmarks=True, deserialize=False,
-                        _request_timeout=TIMEOUT):
+                        _request_timeout=WATCH_TIMEOUT):
                     if stop.is_set():
                         return
                     kind, obj = event["type"], event["object"]

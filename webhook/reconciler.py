@@ -25,15 +25,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from webhook import admission, daemonset, images, metrics
-from webhook.kube import api_client
-from webhook.podcache import PodImages
+from webhook import daemonset, images, metrics
+from webhook.kube import api_client, list_items
+from webhook.podcache import PodImages, learnable
 from webhook.settings import Settings
 from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
                            expire, merge, rfc3339)
@@ -88,22 +88,9 @@ class Reconciler:
         self.pod_images: PodImages | None = None
 
     # -- reading the cluster -------------------------------------------------------
-    def _list_json(self, call, *args, **kwargs) -> Iterator[dict[str, Any]]:
-        """Lists in pages and decodes the JSON ourselves: building client model objects
-        for 20,000 pods costs seconds, and we need a handful of fields."""
-        token = None
-        while True:
-            response = call(*args, limit=500, _continue=token, _preload_content=False,
-                            _request_timeout=TIMEOUT, **kwargs)
-            body = json.loads(response.data)
-            yield from body.get("items") or []
-            token = (body.get("metadata") or {}).get("continue")
-            if not token:
-                return
-
     def opted_in_namespaces(self) -> list[str]:
         excluded = self.settings.excluded_namespaces
-        return [ns["metadata"]["name"] for ns in self._list_json(
+        return [ns["metadata"]["name"] for ns in list_items(
             self.core.list_namespace, label_selector=LEARN_LABEL)
             if ns["metadata"]["name"] not in excluded]
 
@@ -114,25 +101,21 @@ class Reconciler:
             return self.pod_images.observations(set(self.opted_in_namespaces()), now)
         observed: dict[str, Observation] = {}
         for namespace in self.opted_in_namespaces():
-            for pod in self._list_json(self.core.list_namespaced_pod, namespace,
-                                       field_selector="status.phase!=Succeeded,"
-                                                      "status.phase!=Failed"):
-                try:
-                    found = admission.container_images(pod.get("spec") or {})
-                except admission.BadReview:
-                    continue  # not a pod spec we can read; the API server never sends one
-                for image in admission.learnable_images(found, self.filter).images:
+            for pod in list_items(self.core.list_namespaced_pod, namespace,
+                                  field_selector="status.phase!=Succeeded,"
+                                                 "status.phase!=Failed"):
+                for image in learnable(pod, self.filter):
                     observed.setdefault(image, Observation()).add(namespace, now)
         return observed
 
     def prepuller_pods(self) -> list[dict[str, Any]]:
-        return list(self._list_json(
+        return list(list_items(
             self.core.list_namespaced_pod, self.settings.namespace,
             label_selector=f"app.kubernetes.io/name=prewarm,"
                            f"app.kubernetes.io/component={daemonset.COMPONENT}"))
 
     def live_daemonsets(self) -> dict[str, dict[str, Any]]:
-        return {ds["metadata"]["name"]: ds for ds in self._list_json(
+        return {ds["metadata"]["name"]: ds for ds in list_items(
             self.apps.list_namespaced_daemon_set, self.settings.namespace,
             label_selector=f"app.kubernetes.io/component={daemonset.COMPONENT}")}
 

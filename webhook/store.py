@@ -307,12 +307,11 @@ class LearnedImagesStore:
         return (f"cannot {verb} ConfigMap {self.namespace}/{self.name}: HTTP {error.status} "
                 f"{error.reason}{hint}")
 
-    def update(self, mutate: Callable[[LearnedSet], bool], *, attempts: int = 50,
-               snapshot: Snapshot | None = None) -> Snapshot:
+    def update(self, mutate: Callable[[LearnedSet], bool], *, attempts: int = 50) -> Snapshot:
         """Read-modify-write: `mutate` changes the set in place and returns whether it
         changed anything; on 409 the fresh object is read and `mutate` runs again. Returns
         the snapshot as written (or as read, when nothing changed)."""
-        current = snapshot
+        current: Snapshot | None = None
         for _ in range(attempts):
             if current is None:
                 current = self.read()
