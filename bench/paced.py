@@ -1,0 +1,114 @@
+"""An open-loop load generator: reviews arriving at random at a given mean rate.
+
+Why not `hey -q`: hey paces each of its workers with its own ticker, all started at the
+same instant, so `-c 4 -q 50` sends four requests at once every 20 ms. That measures a
+burst of four, not a rate of 200/s. The API server calls a webhook when objects are
+created, by independent clients; the textbook model of such arrivals is a Poisson
+process. Here arrivals are exponentially spaced, each is sent on an idle keep-alive
+connection (a new one is opened while fewer than `connections` exist, as Go's transport
+does), and its latency is counted from the moment the generator got to it: a request that waits
+for a connection because the server is slow is counted as slow (no coordinated omission).
+
+The client is Python (asyncio, one thread, its own process), so its own parsing is
+included in every figure: the server's share is somewhat smaller than reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import time
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    async def exchange(self, request: bytes) -> int:
+        self.writer.write(request)
+        status_line = await self.reader.readline()
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length:
+            await self.reader.readexactly(length)
+        parts = status_line.split()
+        return int(parts[1]) if len(parts) > 1 else 0
+
+
+async def _run(host: str, port: int, path: str, body: bytes, context: ssl.SSLContext, *,
+               rate: float, seconds: float, connections: int, seed: int) -> dict:
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+               f"\r\n").encode() + body
+    idle: list[_Connection] = []
+    opened = 0
+    free = asyncio.Condition()
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(due: float) -> None:
+        nonlocal opened, errors
+        # counted from when the generator got to it: its own timer lateness (asyncio
+        # sleeps in whole milliseconds) is not the server's, a wait for a connection is
+        begin = max(due, time.perf_counter())
+        async with free:
+            while not idle and opened >= connections:
+                await free.wait()
+            conn = idle.pop() if idle else None
+            if conn is None:
+                opened += 1
+        try:
+            if conn is None:
+                reader, writer = await asyncio.open_connection(host, port, ssl=context,
+                                                               server_hostname=host)
+                conn = _Connection(reader, writer)
+            status = await conn.exchange(request)
+            latencies.append(time.perf_counter() - begin)
+            if status != 200:
+                errors += 1
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            errors += 1
+            conn = None
+        async with free:
+            if conn is None:
+                opened -= 1
+            else:
+                idle.append(conn)
+            free.notify()
+
+    rng = random.Random(seed)
+    tasks = []
+    start = time.perf_counter()
+    due = start
+    end = start + seconds
+    while True:
+        due += rng.expovariate(rate)
+        if due >= end:
+            break
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(due)))
+    await asyncio.gather(*tasks)
+    for conn in idle:
+        conn.writer.close()
+    latencies.sort()
+    return {
+        "count": len(latencies), "errors": errors, "rps": len(tasks) / seconds,
+        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
+    }
+
+
+def run(host: str, port: int, path: str, body: bytes, context: ssl.SSLContext, *,
+        rate: float, seconds: float, connections: int = 8, seed: int = 1) -> dict:
+    """Poisson arrivals at `rate`/s for `seconds`; returns count, errors, rps, p50/p99 (ms)."""
+    return asyncio.run(_run(host, port, path, body, context, rate=rate, seconds=seconds,
+                            connections=connections, seed=seed))
