@@ -183,6 +183,11 @@ def cpu_times() -> tuple[int, int]:
     return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
 
 
+def rotated(items: list, by: int) -> list:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
 def medians(runs: list[dict]) -> dict:
     return {key: statistics.median(run[key] for run in runs)
             for key, value in runs[0].items() if isinstance(value, float)}
@@ -229,9 +234,11 @@ def bench_observer(args) -> None:
         full: dict[str, list[dict]] = {"baseline": [], "observer": []}
         rate: dict[str, list[dict]] = {"floor": [], "baseline": [], "observer": []}
         for round_ in range(args.rounds):
-            for kind in full:
+            # the order turns every round: on this VM a run right after another
+            # saturating one measures differently (the host's CPU quota), by up to 15%
+            for kind in rotated(list(full), round_):
                 full[kind].append(load(servers[kind], seconds=args.seconds, connections=8))
-            for kind in rate:
+            for kind in rotated(list(rate), round_):
                 rate[kind].append(paced_load(servers[kind], seconds=2 * args.seconds, seed=round_))
         observer = servers["observer"]
         writes_before = observer.metric("prewarm_api_writes_total")
@@ -408,7 +415,7 @@ def main() -> None:
     parser.add_argument("which", nargs="*", default=["observer", "reconciler"],
                         choices=["observer", "reconciler"])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved observer rounds")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved observer rounds (the order turns each round)")
     parser.add_argument("--pods", type=int, default=20000)
     parser.add_argument("--images", type=int, default=5000)
     args = parser.parse_args()
