@@ -10,6 +10,14 @@ every new connection. We hand out one cached context and rebuild it when the fil
 is updated by swapping a symlink, which does not touch the files' metadata the way a
 plain write does. A half-rotated pair (new cert, old key) fails to load; we keep serving
 the previous context until both files agree, so no handshake fails during a rotation.
+
+One write per response: gunicorn writes a response's headers and its body with two
+calls, so each review went out as two TLS records, two TCP segments and two wake-ups
+of the API server's reading goroutine. ObserverWorker (gthread's ThreadWorker) gathers
+a response's writes and sends them at once. Measured here (8 connections, runs in ABBA
+order): the stdlib floor server of `make bench` answers 4,726 reviews/s with one write
+and 3,882 with the write split in two; the bare flask handler under gunicorn, 1,049
+with this worker against 1,004 with plain gthread (its own overhead dominates there).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import time
 from typing import Any, Callable
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
 from webhook.settings import Settings
 
@@ -94,6 +103,56 @@ class CertReloader:
             return self._context
 
 
+class _GatheredWrites:
+    """A connection's socket as a response sees it: `sendall` gathers, `flush` sends
+    what was gathered in one call. Everything else (`send` for `100 Continue`, reads,
+    `fileno`) is the socket's own. A response past FLUSH_AT bytes is sent as it goes."""
+
+    FLUSH_AT = 64 * 1024
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def sendall(self, data) -> None:
+        self._parts.append(bytes(data))
+        self._size += len(data)
+        if self._size >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            data = b"".join(self._parts)
+            self._parts, self._size = [], 0
+            self._sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class ObserverWorker(ThreadWorker):
+    """gthread, with each response sent in one write (see the module's docstring)."""
+
+    def handle_request(self, req, conn):
+        sock = conn.sock
+        gathered = conn.sock = _GatheredWrites(sock)
+        failed = True
+        try:
+            result = super().handle_request(req, conn)
+            failed = False
+            return result
+        finally:
+            conn.sock = sock
+            try:
+                gathered.flush()
+            except OSError:
+                if not failed:
+                    raise
+                # the request already failed (gunicorn handles that next): its error,
+                # not the flush's, is the one to report
+
+
 class ObserverServer(BaseApplication):
     """gunicorn configured from Settings; the flask app is built in each worker."""
 
@@ -150,7 +209,8 @@ class ObserverServer(BaseApplication):
         options = {
             "bind": [f"{s.bind_address}:{s.port}"],
             "workers": s.workers,
-            "worker_class": "gthread",
+            "worker_class": ObserverWorker,
+            "sendfile": False,  # never used over TLS; and it would bypass the gathered writes
             "threads": s.threads,
             "keepalive": s.keepalive,
             "certfile": s.tls_cert_file,

@@ -227,6 +227,39 @@ def test_server_keeps_answering_well_formed_reviews_after_malformed_ones(setup):
     assert setup.observer.request("GET", "/observe")[0] == 405
 
 
+def _first_record(tls_socket, request: bytes) -> bytes:
+    """Sends a request and returns the first TLS record of the answer: an SSL read
+    never returns more than one record's data."""
+    tls_socket.sendall(request)
+    return tls_socket.recv(1 << 20)
+
+
+def _complete(response: bytes) -> bool:
+    head, separator, body = response.partition(b"\r\n\r\n")
+    length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+              if line.lower().startswith(b"content-length:")]
+    return bool(separator) and bool(length) and len(body) == length[0]
+
+
+def test_each_answer_is_one_tls_record_on_a_kept_alive_connection(setup):
+    """The API server reads each review's answer in one piece: one TLS record, one TCP
+    segment and one wake-up of its reader, not one for the headers and one for the body.
+    Two reviews and a malformed one on the same connection, all whole in their first
+    record."""
+    import socket
+
+    body, bad = _review(), b"{not json"
+    requests = [(b"POST /observe HTTP/1.1\r\nHost: observer\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                for payload in (body, bad, body)]
+    with socket.create_connection(("127.0.0.1", setup.observer.port), timeout=10) as raw:
+        with setup.observer.ssl_context().wrap_socket(raw, server_hostname="localhost") as tls:
+            answers = [_first_record(tls, request) for request in requests]
+    assert all(_complete(answer) for answer in answers), answers
+    assert [answer.split(b" ", 2)[1] for answer in answers] == [b"200", b"400", b"200"]
+    assert json.loads(answers[2].partition(b"\r\n\r\n")[2])["response"]["allowed"] is True
+
+
 def test_eight_concurrent_writers_lose_no_image(cluster, core):
     namespace = new_namespace_name("writers")
     core.create_namespace({"metadata": {"name": namespace}})
