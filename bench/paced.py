@@ -5,9 +5,10 @@ same instant, so `-c 4 -q 50` sends four requests at once every 20 ms. That meas
 burst of four, not a rate of 200/s. The API server calls a webhook when objects are
 created, by independent clients; the textbook model of such arrivals is a Poisson
 process. Here arrivals are exponentially spaced, each is sent on an idle keep-alive
-connection (a new one is opened while fewer than `connections` exist, as Go's transport
-does), and its latency is counted from the moment the generator got to it: a request that waits
-for a connection because the server is slow is counted as slow (no coordinated omission).
+connection (`connections` of them, opened before the clock starts as the API server's
+are in steady state; one that breaks or is closed is replaced), and its latency is
+counted from the moment the generator got to it: a request that waits for a connection
+because the server is slow is counted as slow (no coordinated omission).
 
 The client is Python (asyncio, one thread, its own process), so its own parsing is
 included in every figure: the server's share is somewhat smaller than reported.
@@ -25,21 +26,34 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
 
-    async def exchange(self, request: bytes) -> int:
+    async def exchange(self, request: bytes) -> tuple[int, bool]:
+        """Sends a request, reads the answer; returns its status and whether the
+        connection can carry another request."""
         self.writer.write(request)
         status_line = await self.reader.readline()
-        length = 0
+        if not status_line:
+            raise ConnectionResetError("connection closed before an answer")
+        length, keep = 0, True
         while True:
             line = await self.reader.readline()
             if line in (b"\r\n", b""):
                 break
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
+            name = name.strip().lower()
+            if name == b"content-length":
                 length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                keep = False
         if length:
             await self.reader.readexactly(length)
         parts = status_line.split()
-        return int(parts[1]) if len(parts) > 1 else 0
+        return (int(parts[1]) if len(parts) > 1 else 0), keep
+
+    @classmethod
+    async def open(cls, host: str, port: int, context: ssl.SSLContext) -> "_Connection":
+        reader, writer = await asyncio.open_connection(host, port, ssl=context,
+                                                       server_hostname=host)
+        return cls(reader, writer)
 
 
 async def _run(host: str, port: int, path: str, body: bytes, context: ssl.SSLContext, *,
@@ -66,13 +80,14 @@ async def _run(host: str, port: int, path: str, body: bytes, context: ssl.SSLCon
                 opened += 1
         try:
             if conn is None:
-                reader, writer = await asyncio.open_connection(host, port, ssl=context,
-                                                               server_hostname=host)
-                conn = _Connection(reader, writer)
-            status = await conn.exchange(request)
+                conn = await _Connection.open(host, port, context)
+            status, keep = await conn.exchange(request)
             latencies.append(time.perf_counter() - begin)
             if status != 200:
                 errors += 1
+            if not keep:
+                conn.writer.close()
+                conn = None
         except (OSError, asyncio.IncompleteReadError, ValueError):
             errors += 1
             conn = None
@@ -83,6 +98,14 @@ async def _run(host: str, port: int, path: str, body: bytes, context: ssl.SSLCon
                 idle.append(conn)
             free.notify()
 
+    # the API server's connections are open before a burst of pods: so are ours (a
+    # server that refuses them shows as errors below, one per arrival)
+    for _ in range(connections):
+        try:
+            idle.append(await _Connection.open(host, port, context))
+            opened += 1
+        except OSError:
+            break
     rng = random.Random(seed)
     tasks = []
     start = time.perf_counter()

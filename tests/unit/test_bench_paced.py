@@ -61,6 +61,7 @@ class SlowHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the API server's connections
     disable_nagle_algorithm = True  # headers and body are two writes
     status = 200
+    headers_out: dict[str, str] = {}
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
@@ -68,6 +69,8 @@ class SlowHandler(http.server.BaseHTTPRequestHandler):
         body = json.dumps({"response": {"allowed": True}}).encode()
         self.send_response(self.status)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in self.headers_out.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -106,6 +109,15 @@ def test_answers_other_than_200_are_errors(pki):
     result = drive_slow(pki, Failing, rate=50, seconds=0.5, connections=2, seed=2)
     assert result["count"] > 0
     assert result["errors"] == result["count"]
+
+
+def test_a_server_closing_each_connection_is_answered_on_new_ones(pki):
+    class Closing(SlowHandler):
+        headers_out = {"Connection": "close"}
+
+    result = drive_slow(pki, Closing, rate=40, seconds=0.5, connections=2, seed=5)
+    assert result["count"] > 5
+    assert result["errors"] == 0
 
 
 def test_a_refused_connection_is_an_error_not_a_hang(pki):
