@@ -176,6 +176,35 @@ print(json.dumps(paced.run("127.0.0.1", port, "/observe", review_body(7), contex
 """
 
 
+GC_SCRIPT = """
+import gc, json, time
+from webhook import settings
+from webhook.app import create_app
+from webhook.server import freeze_startup_heap
+app = create_app(settings.load())  # what each gunicorn worker builds
+def full_collection_ms():
+    runs = []
+    for _ in range(5):
+        started = time.perf_counter()
+        gc.collect()
+        runs.append(1000 * (time.perf_counter() - started))
+    return sorted(runs)[2]
+before = full_collection_ms()
+frozen = freeze_startup_heap()
+print(json.dumps({"before_ms": before, "after_ms": full_collection_ms(), "frozen": frozen}))
+"""
+
+
+def gc_pause(env: dict[str, str]) -> dict:
+    """A full garbage collection in an observer worker, before and after the start-up
+    heap is frozen (webhook/server.py, freeze_startup_heap): median of 5."""
+    out = subprocess.run([sys.executable, "-c", GC_SCRIPT], capture_output=True, text=True,
+                         check=True, cwd=REPO, timeout=120,
+                         env={**os.environ, **env, "PYTHONPATH": str(REPO),
+                              "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="prewarm-gc-")})
+    return json.loads(out.stdout)
+
+
 def cpu_times() -> tuple[int, int]:
     """(steal, total) jiffies of the machine: steal is time the host ran something else
     while this VM had work to do."""
@@ -278,6 +307,9 @@ def bench_observer(args) -> None:
               f"{median['baseline']['p99_ms']:.2f} ms, floor {median['floor']['p99_ms']:.2f} ms)")
         print(f"API writes per 10,000 admissions of known images: {10000 * writes / max(reviews, 1):.1f} "
               f"(over {reviews:.0f} reviews; target 0)")
+        pause = gc_pause(env)
+        print(f"full garbage collection in an observer worker: {pause['before_ms']:.1f} ms; after "
+              f"the start-up heap ({pause['frozen']} objects) is frozen: {pause['after_ms']:.2f} ms")
     finally:
         for server in servers.values():
             server.stop()

@@ -22,6 +22,7 @@ with this worker against 1,004 with plain gthread (its own overhead dominates th
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -101,6 +102,20 @@ class CertReloader:
                 # read error: keep serving with the previous pair and look again soon
                 logger.warning("keeping previous certificate: %s", error)
             return self._context
+
+
+def freeze_startup_heap() -> int:
+    """Moves everything alive after start-up (flask, the kubernetes client's modules and
+    models: ~53,000 objects) out of the garbage collector's reach, and returns how many.
+
+    A full collection scans every tracked object while holding the GIL: measured here,
+    ~30 ms for an observer worker's heap, a pause every review in flight waits through.
+    Those objects live as long as the process anyway; after the freeze a full collection
+    scans only what was allocated since (`make bench` prints both figures). Garbage is
+    collected first, so none of it is kept."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 class _GatheredWrites:
@@ -189,6 +204,7 @@ class ObserverServer(BaseApplication):
             # milliseconds to a review. The observer's work per review is tens of
             # microseconds, so a shorter interval costs little and cuts the tail.
             sys.setswitchinterval(SWITCH_INTERVAL)
+            freeze_startup_heap()
             state = worker.wsgi.extensions.get("prewarm") if hasattr(worker.wsgi, "extensions") else None
             if state is not None:
                 state.flusher.start()
