@@ -447,7 +447,8 @@ def main() -> None:
     parser.add_argument("which", nargs="*", default=["observer", "reconciler"],
                         choices=["observer", "reconciler"])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved observer rounds (the order turns each round)")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="interleaved observer rounds (the order turns each round)")
     parser.add_argument("--pods", type=int, default=20000)
     parser.add_argument("--images", type=int, default=5000)
     args = parser.parse_args()
