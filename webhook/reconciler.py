@@ -320,20 +320,32 @@ class LeaseElector:
         except ApiException as error:
             if error.status != 404:
                 raise
-            body = client.V1Lease(metadata=client.V1ObjectMeta(name=name, namespace=namespace),
-                                  spec=client.V1LeaseSpec(
-                                      holder_identity=self.identity,
-                                      lease_duration_seconds=self.duration,
-                                      acquire_time=now, renew_time=now, lease_transitions=0))
-            try:
+            lease = None
+        try:
+            if lease is None:
+                body = client.V1Lease(
+                    metadata=client.V1ObjectMeta(name=name, namespace=namespace),
+                    spec=client.V1LeaseSpec(holder_identity=self.identity,
+                                            lease_duration_seconds=self.duration,
+                                            acquire_time=now, renew_time=now,
+                                            lease_transitions=0))
                 self.coordination.create_namespaced_lease(namespace, body,
                                                           _request_timeout=TIMEOUT)
-            except ApiException as create_error:
-                if create_error.status == 409:
+            else:
+                if not self._claim(lease, started, now):
                     return False
-                raise
-            self._renewed_at = started
-            return True
+                self.coordination.replace_namespaced_lease(name, namespace, lease,
+                                                           _request_timeout=TIMEOUT)
+        except ApiException as error:
+            if error.status == 409:  # another candidate wrote first: it leads
+                return False
+            raise
+        self._renewed_at = started
+        return True
+
+    def _claim(self, lease, started: float, now) -> bool:
+        """Rewrites a read lease as ours, unless another live holder has it. Expiry is
+        judged on our own clock: how long its (holder, renewTime) has not changed."""
         spec = lease.spec or client.V1LeaseSpec()
         holder = spec.holder_identity
         record = (holder, spec.renew_time)
@@ -349,14 +361,6 @@ class LeaseElector:
         spec.renew_time = now
         spec.lease_duration_seconds = self.duration
         lease.spec = spec
-        try:
-            self.coordination.replace_namespaced_lease(name, namespace, lease,
-                                                       _request_timeout=TIMEOUT)
-        except ApiException as error:
-            if error.status == 409:
-                return False
-            raise
-        self._renewed_at = started
         return True
 
     def run(self, on_change) -> None:
