@@ -158,11 +158,9 @@ def load(server: Server, *, seconds: float, connections: int) -> dict:
     out = subprocess.run(argv + [f"https://127.0.0.1:{server.port}/observe"],
                          capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
     rows = [line.split(",") for line in out.splitlines()[1:] if line]
-    latencies = sorted(float(row[0]) for row in rows)
     errors = sum(1 for row in rows if row[6] != "200")
     return {"count": len(rows), "errors": errors, "rps": len(rows) / seconds,
-            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
-            "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0}
+            **paced.percentiles([float(row[0]) for row in rows])}
 
 
 PACED_SCRIPT = """
@@ -236,15 +234,19 @@ def paced_load(server: Server, *, seconds: float, seed: int) -> dict:
     return result
 
 
+def loopback_pki(workdir: Path) -> Path:
+    """Writes ca.crt, and tls.crt/tls.key for localhost and 127.0.0.1, into workdir."""
+    ca, ca_key = tls.generate_ca()
+    cert, key = tls.generate_serving(ca, ca_key, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    for name, data in (("ca.crt", ca), ("tls.crt", cert), ("tls.key", key)):
+        (workdir / name).write_bytes(data)
+    return workdir
+
+
 def bench_observer(args) -> None:
     print("== observer: /observe vs a bare allow-all handler (same gunicorn settings) ==")
     plane = controlplane.start(timeout=60)
-    workdir = Path(tempfile.mkdtemp(prefix="prewarm-bench-"))
-    ca, ca_key = tls.generate_ca()
-    cert, key = tls.generate_serving(ca, ca_key, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-    (workdir / "ca.crt").write_bytes(ca)
-    (workdir / "tls.crt").write_bytes(cert)
-    (workdir / "tls.key").write_bytes(key)
+    workdir = loopback_pki(Path(tempfile.mkdtemp(prefix="prewarm-bench-")))
     env = {"KUBECONFIG": str(plane.kubeconfig), "PREWARM_NAMESPACE": "prewarm",
            "PREWARM_LOG_LEVEL": "WARNING"}
     from kubernetes import client

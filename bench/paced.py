@@ -122,12 +122,17 @@ async def _run(host: str, port: int, path: str, body: bytes, context: ssl.SSLCon
     await asyncio.gather(*tasks)
     for conn in idle:
         conn.writer.close()
-    latencies.sort()
-    return {
-        "count": len(latencies), "errors": errors, "rps": len(tasks) / seconds,
-        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
-        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
-    }
+    return {"count": len(latencies), "errors": errors, "rps": len(tasks) / seconds,
+            **percentiles(latencies)}
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    """p50 and p99 in milliseconds of latencies in seconds (0.0 when there are none)."""
+    ordered = sorted(latencies)
+    if not ordered:
+        return {"p50_ms": 0.0, "p99_ms": 0.0}
+    return {"p50_ms": 1000 * ordered[len(ordered) // 2],
+            "p99_ms": 1000 * ordered[int(len(ordered) * 0.99)]}
 
 
 def run(host: str, port: int, path: str, body: bytes, context: ssl.SSLContext, *,

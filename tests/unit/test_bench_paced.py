@@ -14,18 +14,12 @@ import time
 import pytest
 
 from bench import floor, paced
-from bench.__main__ import review_body
-from certs import tls
+from bench.__main__ import loopback_pki, review_body
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("paced")
-    ca, ca_key = tls.generate_ca()
-    cert, key = tls.generate_serving(ca, ca_key, dns_names=["localhost"], ip_addresses=["127.0.0.1"])
-    for name, data in (("ca.crt", ca), ("tls.crt", cert), ("tls.key", key)):
-        (workdir / name).write_bytes(data)
-    return workdir
+    return loopback_pki(tmp_path_factory.mktemp("paced"))
 
 
 def client_context(pki) -> ssl.SSLContext:
