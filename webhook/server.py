@@ -18,6 +18,18 @@ a response's writes and sends them at once. Measured here (8 connections, runs i
 order): the stdlib floor server of `make bench` answers 4,726 reviews/s with one write
 and 3,882 with the write split in two; the bare flask handler under gunicorn, 1,049
 with this worker against 1,004 with plain gthread (its own overhead dominates there).
+
+A thread stays with a busy connection: gthread hands every request from its event loop
+to a pool thread, so each review waits for two wake-ups, and a third brings the
+connection back to the loop. After answering on a kept-alive connection, an
+ObserverWorker thread waits up to LINGER seconds for that connection's next request and
+serves it itself: one wake-up, straight from the kernel. The API server reuses its most
+recently used connection first, so at a steady rate nearly every review finds its thread
+waiting. At most threads - 1 threads wait at a time, one waiting is woken up as soon as
+a request on another connection would have to queue for a thread, and all of them on
+shutdown: waiting never delays anyone else's review. Measured here (16 paired rounds of
+10 s at 200 reviews/s, Poisson arrivals, order alternating): median p50 2.42 -> 1.90 ms,
+median of the rounds' p99 15.8 -> 9.9 ms, p99 lower in 11 of the 16 rounds.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import gc
 import hashlib
 import logging
 import os
+import select
 import shutil
 import ssl
 import sys
@@ -147,7 +160,86 @@ class _GatheredWrites:
 
 
 class ObserverWorker(ThreadWorker):
-    """gthread, with each response sent in one write (see the module's docstring)."""
+    """gthread, with each response sent in one write, and a thread that waits a moment
+    for its connection's next request (see the module's docstring)."""
+
+    LINGER = 1.0  # seconds; well under the keep-alive, far over 200/s's gaps
+
+    def init_process(self):
+        # before super(): it ends by running the worker's loop
+        self._linger_lock = threading.Lock()
+        self._tasks = 0  # connections handed to the pool and not given back, queued or not
+        self._lingering = 0  # pool threads waiting for their connection's next request
+        self._nudge_r, self._nudge_w = os.pipe()  # one byte releases one waiting thread
+        os.set_blocking(self._nudge_r, False)
+        os.set_blocking(self._nudge_w, False)
+        super().init_process()
+
+    def _nudge(self, count: int) -> None:
+        try:
+            os.write(self._nudge_w, b"\0" * count)
+        except OSError:
+            pass  # pipe full: bytes enough are waiting already
+
+    def enqueue_req(self, conn):
+        with self._linger_lock:
+            self._tasks += 1
+            # more connections than threads: this one would queue behind waiting threads
+            release = self._tasks > self.cfg.threads and self._lingering > 0
+        if release:
+            self._nudge(1)
+        super().enqueue_req(conn)
+
+    def handle_exit(self, sig, frame):
+        super().handle_exit(sig, frame)
+        self._nudge(self.cfg.threads)
+
+    def handle(self, conn):
+        try:
+            keep = super().handle(conn)
+            while keep is True and self._next_request_came(conn):
+                keep = super().handle(conn)
+            return keep
+        finally:
+            with self._linger_lock:
+                self._tasks -= 1
+
+    def _next_request_came(self, conn) -> bool:
+        """Waits up to LINGER for `conn` to be readable, if a thread may wait now: True
+        if it is (this thread serves it), False to give the connection back to the
+        event loop."""
+        pending = getattr(conn.sock, "pending", None)  # decrypted, not yet read
+        if conn.parser.unreader.buf.getvalue() or (pending is not None and pending()):
+            return True
+        with self._linger_lock:
+            if (not self.alive or self._lingering >= self.cfg.threads - 1
+                    or self._tasks > self.cfg.threads):
+                return False
+            self._lingering += 1
+        try:
+            poller = select.poll()
+            poller.register(conn.sock.fileno(), select.POLLIN)
+            poller.register(self._nudge_r, select.POLLIN)
+            deadline = time.monotonic() + self.LINGER
+            while self.alive:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                ready = {fd for fd, _ in poller.poll(left * 1000)}
+                if conn.sock.fileno() in ready:
+                    return True
+                if self._nudge_r in ready:
+                    try:
+                        if os.read(self._nudge_r, 1):
+                            return False  # a connection needs this thread
+                    except BlockingIOError:
+                        pass  # another waiting thread took that byte
+            return False
+        except (OSError, ValueError):  # the socket is gone: the event loop sees to it
+            return False
+        finally:
+            with self._linger_lock:
+                self._lingering -= 1
 
     def handle_request(self, req, conn):
         sock = conn.sock
