@@ -1,6 +1,6 @@
 """`make bench`: figures, each with a baseline measured in the same run.
 
-observer    /observe vs a bare allow-all flask handler served by the same gunicorn
+observer    /observe vs a bare allow-all WSGI handler served by the same gunicorn
             settings (gthread, TLS, keep-alive): reviews/s, p50/p99 and the ratio under
             8 connections at full speed (load from hey); p50/p99 at 200 reviews/s arriving
             at random (bench/paced.py), next to the machine's floor (bench/floor.py: a
@@ -62,20 +62,21 @@ def review_body(index: int) -> bytes:
 
 def baseline_app(_settings):
     """What the observer is compared with: an allow-all handler that parses the review
-    and echoes the uid, and nothing else."""
-    from flask import Flask, jsonify, request
+    and echoes the uid, and nothing else. Plain WSGI, as the observer's admission
+    endpoints are (webhook/app.py says why)."""
 
-    app = Flask("baseline")
-
-    @app.post("/observe")
-    def observe():
-        uid = request.get_json(force=True)["request"]["uid"]
-        return jsonify({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                        "response": {"uid": uid, "allowed": True}})
-
-    @app.get("/healthz")
-    def healthz():
-        return jsonify({"status": "ok"})
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/observe":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            uid = json.loads(environ["wsgi.input"].read(length))["request"]["uid"]
+            document = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                        "response": {"uid": uid, "allowed": True}}
+        else:
+            document = {"status": "ok"}
+        body = json.dumps(document, separators=(",", ":")).encode()
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
 
     return app
 

@@ -3,6 +3,16 @@
 `/observe` parses the body, calls the pure review function and drops the images it
 returns into the worker's buffer. Every path returns a JSON body: the review response,
 or `{"error": ...}` with 400 for a request that is not an answerable AdmissionReview.
+
+The admission endpoints (`/observe`, `/mutate`) are answered by `AdmissionEndpoints`,
+plain WSGI installed in front of flask's own (`app.wsgi_app`, flask's hook for
+middleware); the operational ones (`/healthz`, `/readyz`, `/metrics`, errors) are flask
+views. The API server waits for an admission answer on every pod creation, and flask's
+request machinery (contexts, routing, request and response objects), not the review,
+was most of the time spent on one: measured in one process, 137 us for an empty flask
+view, 40 us for a whole review as plain WSGI; with cold CPU caches, as between reviews
+arriving every few milliseconds, 473 us and 312 us. Served by gunicorn at 200 reviews/s
+(12 paired rounds), the median p50 went from 2.03 to 1.26 ms.
 """
 
 from __future__ import annotations
@@ -14,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import ClientDisconnected
+from werkzeug.http import parse_options_header
+from werkzeug.wsgi import get_content_length, get_input_stream
 
 from webhook import admission, images, metrics
 from webhook.kube import KubeconfigError, api_client
@@ -59,36 +72,100 @@ def _discard(stream, *, limit: int) -> None:
         remaining -= len(chunk)
 
 
-def _json(document: Any) -> Response:
-    return Response(json.dumps(document, separators=(",", ":")), mimetype="application/json")
-
-
-def _read_review(settings: Settings) -> tuple[Any, tuple[Response, int] | None]:
-    """The decoded JSON body, or the 400 to answer (size, content type, JSON)."""
-    length = request.content_length
-    if length is not None and length > settings.max_body_bytes:
-        metrics.REVIEWS.labels("", "bad_request").inc()
-        _discard(request.stream, limit=4 * settings.max_body_bytes)
-        return None, _error(400, f"body of {length} bytes is over the limit of "
-                                 f"{settings.max_body_bytes} bytes")
-    if request.mimetype != "application/json":
-        metrics.REVIEWS.labels("", "bad_request").inc()
-        return None, _error(400, f"content type must be application/json, got "
-                                 f"{request.mimetype or 'none'!r}")
-    raw = request.stream.read(settings.max_body_bytes + 1)
-    if len(raw) > settings.max_body_bytes:
-        metrics.REVIEWS.labels("", "bad_request").inc()
-        _discard(request.stream, limit=3 * settings.max_body_bytes)
-        return None, _error(400, f"body is over the limit of {settings.max_body_bytes} bytes")
-    try:
-        return json.loads(raw), None
-    except (ValueError, RecursionError) as error:
-        metrics.REVIEWS.labels("", "bad_request").inc()
-        return None, _error(400, f"body is not valid JSON: {error}"[:300])
+def _encode(document: Any) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 def _error(status: int, message: str) -> tuple[Response, int]:
     return jsonify({"error": message}), status
+
+
+class Reply(Exception):
+    """An answer other than the review's own: status and JSON document."""
+
+    def __init__(self, status: int, document: dict[str, Any]):
+        super().__init__(status)
+        self.status, self.document = status, document
+
+
+REASONS = {200: "OK", 400: "BAD REQUEST", 405: "METHOD NOT ALLOWED"}
+
+
+class AdmissionEndpoints:
+    """WSGI: POSTed AdmissionReviews on `endpoints` (path -> decide(body) -> review
+    response) answered here, everything else passed to `app` (see the module's
+    docstring for why not a flask view)."""
+
+    def __init__(self, app, endpoints: dict[str, Any], *, max_body_bytes: int):
+        self.app, self.endpoints, self.max_body_bytes = app, endpoints, max_body_bytes
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        decide = self.endpoints.get(path)
+        if decide is None:
+            return self.app(environ, start_response)
+        headers = [("Content-Type", "application/json")]
+        try:
+            method = environ.get("REQUEST_METHOD", "")
+            if method != "POST":
+                headers.append(("Allow", "POST"))
+                raise Reply(405, {"error": f"method {method} not allowed on {path}"})
+            status, body = 200, self.answer(self.read_review(environ), decide, path)
+        except Reply as reply:
+            status, body = reply.status, _encode(reply.document)
+        headers.append(("Content-Length", str(len(body))))
+        start_response(f"{status} {REASONS[status]}", headers)
+        return [body]
+
+    def read_review(self, environ) -> Any:
+        """The decoded JSON body; a Reply(400) for size, content type or JSON."""
+        try:
+            return self._read_review(environ)
+        except ClientDisconnected:
+            raise self.bad("the body ended before its Content-Length") from None  # gone
+
+    def _read_review(self, environ) -> Any:
+        limit = self.max_body_bytes
+        length = get_content_length(environ)
+        # the body as the server framed it (Content-Length or chunked); never past it
+        stream = get_input_stream(environ, max_content_length=None)
+        if length is not None and length > limit:
+            _discard(stream, limit=4 * limit)
+            raise self.bad(f"body of {length} bytes is over the limit of {limit} bytes")
+        mimetype = parse_options_header(environ.get("CONTENT_TYPE", ""))[0].lower()
+        if mimetype != "application/json":
+            raise self.bad(f"content type must be application/json, got {mimetype or 'none'!r}")
+        raw = stream.read(limit + 1)
+        if len(raw) > limit:
+            _discard(stream, limit=3 * limit)
+            raise self.bad(f"body is over the limit of {limit} bytes")
+        if length is not None and len(raw) < length:  # the client is gone
+            raise self.bad(f"the body ended after {len(raw)} of its {length} bytes "
+                           "(Content-Length)")
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as error:
+            raise self.bad(f"body is not valid JSON: {error}"[:300]) from None
+
+    @staticmethod
+    def bad(message: str) -> Reply:
+        metrics.REVIEWS.labels("", "bad_request").inc()
+        return Reply(400, {"error": message})
+
+    def answer(self, body: Any, decide, path: str) -> bytes:
+        """`decide(body)`, encoded; a BadReview is a 400, and an unforeseen error still
+        answers allowed (never block a pod) when the uid is known."""
+        try:
+            return _encode(decide(body))
+        except admission.BadReview as bad:
+            raise self.bad(str(bad)) from None
+        except Exception:  # a bug must not turn into a 500 the API server retries on
+            logger.exception("unexpected error answering %s", path)
+            metrics.REVIEWS.labels("", "error").inc()
+            uid = body.get("request", {}).get("uid") if isinstance(body, dict) else None
+            if isinstance(uid, str) and uid:
+                return _encode(admission.build_response(uid=uid))
+            raise Reply(400, {"error": "review could not be processed"}) from None
 
 
 def create_app(settings: Settings) -> Flask:
@@ -100,25 +177,6 @@ def create_app(settings: Settings) -> Flask:
         image_filter=images.ImageFilter(allow=settings.allow, deny=settings.deny),
         excluded=settings.excluded_namespaces)
     app.extensions["prewarm"] = state
-
-    def answer(decide) -> Response | tuple[Response, int]:
-        """Body checks, then `decide(body)`; a BadReview is a 400, and an unforeseen
-        error still answers allowed (never block a pod) when the uid is known."""
-        body, error = _read_review(settings)
-        if error is not None:
-            return error
-        try:
-            return _json(decide(body))
-        except admission.BadReview as bad:
-            metrics.REVIEWS.labels("", "bad_request").inc()
-            return _error(400, str(bad))
-        except Exception:  # a bug must not turn into a 500 the API server retries on
-            logger.exception("unexpected error answering %s", request.path)
-            metrics.REVIEWS.labels("", "error").inc()
-            uid = body.get("request", {}).get("uid") if isinstance(body, dict) else None
-            if isinstance(uid, str) and uid:
-                return _json(admission.build_response(uid=uid))
-            return _error(400, "review could not be processed")
 
     def observe_review(body: Any) -> admission.AdmissionReview:
         outcome = admission.review(body, excluded_namespaces=state.excluded,
@@ -144,15 +202,6 @@ def create_app(settings: Settings) -> Flask:
                                else "mutate_unchanged").inc()
         return reply
 
-    @app.post("/observe")
-    def observe():
-        return answer(observe_review)
-
-    @app.post("/mutate")
-    def mutate():
-        """Optional (chart: mutate.enabled): Always -> IfNotPresent for warm images."""
-        return answer(mutate_review)
-
     @app.get("/healthz")
     def healthz():
         return jsonify({"status": "ok"})
@@ -177,4 +226,8 @@ def create_app(settings: Settings) -> Flask:
     def not_allowed(_exc):
         return _error(405, f"method {request.method} not allowed on {request.path}")
 
+    # /mutate is optional (chart: mutate.enabled): Always -> IfNotPresent for warm images
+    app.wsgi_app = AdmissionEndpoints(  # type: ignore[method-assign]
+        app.wsgi_app, {"/observe": observe_review, "/mutate": mutate_review},
+        max_body_bytes=settings.max_body_bytes)
     return app

@@ -1,0 +1,110 @@
+"""The admission endpoints' HTTP adapter (webhook/app.py, AdmissionEndpoints) through
+flask's WSGI test client: what reaches the review, what a request that is not a review
+gets back, and what is left to flask. The real server over TLS, called by the real API
+server, is in tests/cluster/test_observer.py."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from webhook import admission
+from webhook.app import create_app
+from webhook.settings import Settings
+
+REVIEW = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+          "request": {"uid": "u-7", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                      "namespace": "team", "operation": "CREATE",
+                      "object": {"spec": {"containers": [{"name": "a", "image": "nginx"}]}}}}
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def app():
+    return create_app(Settings(namespace="prewarm", max_body_bytes=4096))
+
+
+def buffered(app) -> set[str]:
+    return set(app.extensions["prewarm"].buffer.drain())
+
+
+def test_a_review_is_answered_allowed_and_its_images_buffered(app):
+    answer = app.test_client().post("/observe", data=json.dumps(REVIEW), headers=JSON)
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"] == "application/json"
+    assert answer.json == {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                           "response": {"uid": "u-7", "allowed": True}}
+    assert buffered(app) == {"docker.io/library/nginx:latest"}
+
+
+def test_a_chunked_body_is_read_to_its_end(app):
+    # no Content-Length: gunicorn frames the body and says so (wsgi.input_terminated)
+    answer = app.test_client().post(
+        "/observe", input_stream=io.BytesIO(json.dumps(REVIEW).encode()), headers=JSON,
+        environ_overrides={"wsgi.input_terminated": True})
+    assert answer.status_code == 200 and answer.json["response"]["allowed"] is True
+
+
+def test_a_body_cut_short_gets_a_400_saying_so(app):
+    whole = json.dumps(REVIEW).encode()
+    answer = app.test_client().post("/observe", input_stream=io.BytesIO(whole), headers=JSON,
+                                    environ_overrides={"CONTENT_LENGTH": str(len(whole) + 10)})
+    assert answer.status_code == 400
+    assert answer.json == {"error": f"the body ended after {len(whole)} of its "
+                                    f"{len(whole) + 10} bytes (Content-Length)"}
+    assert buffered(app) == set()
+
+
+@pytest.mark.parametrize("body,headers,fragment", [
+    (b"x" * 5000, JSON, "over the limit of 4096 bytes"),
+    (json.dumps(REVIEW).encode(), {"Content-Type": "text/plain; charset=utf-8"},
+     "content type must be application/json, got 'text/plain'"),
+    (b"{", JSON, "not valid JSON"),
+    (json.dumps({**REVIEW, "kind": "Pod"}).encode(), JSON, "AdmissionReview"),
+])
+def test_what_is_not_a_review_gets_a_400_naming_the_problem(app, body, headers, fragment):
+    answer = app.test_client().post("/observe", data=body, headers=headers)
+    assert answer.status_code == 400
+    assert fragment in answer.json["error"]
+    assert buffered(app) == set()
+
+
+def test_a_content_type_with_parameters_is_json(app):
+    answer = app.test_client().post("/observe", data=json.dumps(REVIEW),
+                                    headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert answer.status_code == 200
+
+
+def test_other_methods_get_405_with_the_allowed_one(app):
+    for method in ("GET", "PUT", "DELETE"):
+        answer = app.test_client().open("/mutate", method=method)
+        assert answer.status_code == 405
+        assert answer.headers["Allow"] == "POST"
+        assert answer.json == {"error": f"method {method} not allowed on /mutate"}
+
+
+def test_a_bug_in_the_review_still_allows_the_pod(app, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(admission, "review", broken)
+    client = app.test_client()
+    answer = client.post("/observe", data=json.dumps(REVIEW), headers=JSON)
+    assert answer.status_code == 200
+    assert answer.json["response"] == {"uid": "u-7", "allowed": True}
+    # without a uid there is nothing to answer: a 400 (failurePolicy Ignore), not a 500
+    no_uid = json.loads(json.dumps(REVIEW))
+    del no_uid["request"]["uid"]
+    answer = client.post("/observe", data=json.dumps(no_uid), headers=JSON)
+    assert answer.status_code == 400 and answer.json["error"]
+
+
+def test_the_other_paths_are_flask_views(app):
+    client = app.test_client()
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert client.get("/readyz").json["buffered"] == 0
+    missing = client.get("/observe/")
+    assert missing.status_code == 404
+    assert missing.json == {"error": "no such endpoint: /observe/"}
