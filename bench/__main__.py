@@ -444,17 +444,31 @@ def bench_reconciler(args) -> None:
         plane.stop()
 
 
-def main() -> None:
+BENCHES = ("observer", "reconciler")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*", default=["observer", "reconciler"],
-                        choices=["observer", "reconciler"])
+    # no `choices=`: on Python 3.11 argparse checks a nargs="*" default against them as
+    # one value, so a plain `python -m bench` (make bench) was refused
+    parser.add_argument("which", nargs="*", metavar="{observer,reconciler}",
+                        help="which benchmarks (default: all)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=6,
                         help="interleaved observer rounds (the order turns each round)")
     parser.add_argument("--pods", type=int, default=20000)
     parser.add_argument("--images", type=int, default=5000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.which if name not in BENCHES]
+    if unknown:
+        parser.error(f"no benchmark named {', '.join(unknown)} (choose from {', '.join(BENCHES)})")
+    args.which = args.which or list(BENCHES)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     for which in args.which:
         {"observer": bench_observer, "reconciler": bench_reconciler}[which](args)
         print()
