@@ -98,14 +98,17 @@ def _require(condition: bool, message: str) -> None:
         raise BadReview(message)
 
 
+# The checks below run on every review: each error message is built only once its check
+# has failed (an f-string per passing check cost more than the checks).
+
 def parse_request(body: Any) -> AdmissionRequest:
     """Validates the review envelope; returns its request or raises BadReview."""
     _require(isinstance(body, dict), "body must be a JSON object (an AdmissionReview)")
-    _require(body.get("kind") == "AdmissionReview",
-             f"kind must be 'AdmissionReview', got {body.get('kind')!r}")
-    _require(body.get("apiVersion") == API_VERSION,
-             f"apiVersion must be {API_VERSION!r} (admissionReviewVersions: [v1]), "
-             f"got {body.get('apiVersion')!r}")
+    if body.get("kind") != "AdmissionReview":
+        raise BadReview(f"kind must be 'AdmissionReview', got {body.get('kind')!r}")
+    if body.get("apiVersion") != API_VERSION:
+        raise BadReview(f"apiVersion must be {API_VERSION!r} (admissionReviewVersions: "
+                        f"[v1]), got {body.get('apiVersion')!r}")
     request = body.get("request")
     _require(isinstance(request, dict), "review has no 'request' object")
     uid = request.get("uid")
@@ -131,11 +134,11 @@ def pod_spec(kind: GroupVersionKind, obj: Any) -> dict[str, Any]:
                         f"workloads only)")
     _require(isinstance(obj, dict), "request.object must be an object")
     node: Any = obj
-    walked = "object"
-    for step in path:
+    for depth, step in enumerate(path):
         node = node.get(step) if isinstance(node, dict) else None
-        walked += "." + step
-        _require(isinstance(node, dict), f"request.{walked} must be an object")
+        if not isinstance(node, dict):
+            walked = ".".join(("object",) + path[:depth + 1])
+            raise BadReview(f"request.{walked} must be an object")
     return node
 
 
@@ -147,13 +150,16 @@ def container_images(spec: dict[str, Any]) -> list[str]:
         containers = spec.get(list_name)
         if containers is None:
             continue
-        _require(isinstance(containers, list), f"spec.{list_name} must be a list")
+        if not isinstance(containers, list):
+            raise BadReview(f"spec.{list_name} must be a list")
         for index, container in enumerate(containers):
-            _require(isinstance(container, dict), f"spec.{list_name}[{index}] must be an object")
+            if not isinstance(container, dict):
+                raise BadReview(f"spec.{list_name}[{index}] must be an object")
             image = container.get("image")
             if image is None:
                 continue
-            _require(isinstance(image, str), f"spec.{list_name}[{index}].image must be a string")
+            if not isinstance(image, str):
+                raise BadReview(f"spec.{list_name}[{index}].image must be a string")
             seen.setdefault(image, None)
     return list(seen)
 

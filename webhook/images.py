@@ -134,6 +134,10 @@ class Reference:
         return f"{self.domain}/{self.path}"
 
     def __str__(self) -> str:
+        return self._text
+
+    @functools.cached_property
+    def _text(self) -> str:  # parse() caches references: each is written out once
         text = self.name
         if self.tag is not None:
             text += f":{self.tag}"

@@ -156,6 +156,23 @@ def test_malformed_reviews_raise_bad_review_with_a_message(body):
     assert str(caught.value)
 
 
+@pytest.mark.parametrize("case,message", [
+    ("wrong kind", "kind must be 'AdmissionReview', got 'Pod'"),
+    ("wrong apiVersion", "apiVersion must be 'admission.k8s.io/v1' (admissionReviewVersions: "
+                         "[v1]), got 'admission.k8s.io/v1beta1'"),
+    ("unknown kind", "kind Secret is not observed (Pods and pod-template workloads only)"),
+    ("pod without spec", "request.object.spec must be an object"),
+    ("deployment without template", "request.object.spec.template must be an object"),
+    ("containers not a list", "spec.containers must be a list"),
+    ("container not an object", "spec.containers[0] must be an object"),
+    ("image not a string", "spec.containers[0].image must be a string"),
+])
+def test_the_message_names_what_is_wrong_and_where(case, message):
+    with pytest.raises(admission.BadReview) as caught:
+        admission.review(BAD[case])
+    assert str(caught.value) == message
+
+
 # -- /mutate -----------------------------------------------------------------------------
 
 def _patch_of(answer: dict) -> list:
