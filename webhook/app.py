@@ -119,26 +119,24 @@ class AdmissionEndpoints:
 
     def read_review(self, environ) -> Any:
         """The decoded JSON body; a Reply(400) for size, content type or JSON."""
-        try:
-            return self._read_review(environ)
-        except ClientDisconnected:
-            raise self.bad("the body ended before its Content-Length") from None  # gone
-
-    def _read_review(self, environ) -> Any:
         limit = self.max_body_bytes
         length = get_content_length(environ)
         # the body as the server framed it (Content-Length or chunked); never past it
         stream = get_input_stream(environ, max_content_length=None)
-        if length is not None and length > limit:
-            _discard(stream, limit=4 * limit)
-            raise self.bad(f"body of {length} bytes is over the limit of {limit} bytes")
-        mimetype = parse_options_header(environ.get("CONTENT_TYPE", ""))[0].lower()
-        if mimetype != "application/json":
-            raise self.bad(f"content type must be application/json, got {mimetype or 'none'!r}")
-        raw = stream.read(limit + 1)
-        if len(raw) > limit:
-            _discard(stream, limit=3 * limit)
-            raise self.bad(f"body is over the limit of {limit} bytes")
+        try:
+            if length is not None and length > limit:
+                _discard(stream, limit=4 * limit)
+                raise self.bad(f"body of {length} bytes is over the limit of {limit} bytes")
+            mimetype = parse_options_header(environ.get("CONTENT_TYPE", ""))[0].lower()
+            if mimetype != "application/json":
+                raise self.bad(f"content type must be application/json, got "
+                               f"{mimetype or 'none'!r}")
+            raw = stream.read(limit + 1)
+            if len(raw) > limit:
+                _discard(stream, limit=3 * limit)
+                raise self.bad(f"body is over the limit of {limit} bytes")
+        except ClientDisconnected:  # gone while we read or discarded
+            raise self.bad("the body ended before its Content-Length") from None
         if length is not None and len(raw) < length:  # the client is gone
             raise self.bad(f"the body ended after {len(raw)} of its {length} bytes "
                            "(Content-Length)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.__main__ import loopback_pki
 from tests.support import Process, python_env, wait_for
 
 SCRIPT = """
@@ -44,15 +45,9 @@ serve(settings.load(), app_factory=lambda _settings: app)
 
 class Server:
     def __init__(self, workdir: Path, *, threads: int, linger: float):
-        from certs import tls
         from hack.controlplane import free_port
 
-        ca, ca_key = tls.generate_ca()
-        cert, key = tls.generate_serving(ca, ca_key, dns_names=["localhost"],
-                                         ip_addresses=["127.0.0.1"])
-        for name, data in (("ca.crt", ca), ("tls.crt", cert), ("tls.key", key)):
-            (workdir / name).write_bytes(data)
-        self.workdir, self.port = workdir, free_port()
+        self.workdir, self.port = loopback_pki(workdir), free_port()
         self.process = Process(
             [sys.executable, "-c", SCRIPT, str(linger), str(workdir / "blocking")],
             python_env(PREWARM_PORT=str(self.port), PREWARM_BIND_ADDRESS="127.0.0.1",
