@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import json
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NamedTuple, Sequence, TypedDict
 
 import jsonpatch
 
@@ -73,8 +73,11 @@ POD_SPEC_PATHS: dict[tuple[str, str], tuple[str, ...]] = {
 CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 
 
-@dataclass(frozen=True)
-class Outcome:
+# Outcome and Learnable are named tuples, not frozen dataclasses: immutable all the same,
+# and built in half the time (a frozen dataclass sets each field through
+# object.__setattr__), which counts on a path that runs for every admitted pod.
+
+class Outcome(NamedTuple):
     """What a review decided and what it saw (the HTTP layer records `images`)."""
 
     response: AdmissionReview
@@ -83,7 +86,7 @@ class Outcome:
     images: tuple[str, ...] = ()
     rejected: tuple[tuple[str, str], ...] = ()  # (reference, reason)
     skipped: str = ""  # why nothing was recorded: "dry-run", "excluded-namespace", ...
-    filtered: tuple[tuple[str, str], ...] = field(default=())  # (image, reason)
+    filtered: tuple[tuple[str, str], ...] = ()  # (image, reason)
 
 
 def build_response(*, uid: str, warnings: list[str] | None = None) -> AdmissionReview:
@@ -142,7 +145,7 @@ def pod_spec(kind: GroupVersionKind, obj: Any) -> dict[str, Any]:
     return node
 
 
-def container_images(spec: dict[str, Any]) -> list[str]:
+def container_images(spec: dict[str, Any]) -> tuple[str, ...]:
     """Image strings of every container list, in order, without duplicates. An entry
     without `image` is skipped (templates may leave it to later tooling)."""
     seen: dict[str, None] = {}
@@ -161,7 +164,7 @@ def container_images(spec: dict[str, Any]) -> list[str]:
             if not isinstance(image, str):
                 raise BadReview(f"spec.{list_name}[{index}].image must be a string")
             seen.setdefault(image, None)
-    return list(seen)
+    return tuple(seen)
 
 
 def review(body: Any, *, excluded_namespaces: frozenset[str] = frozenset(),
@@ -191,16 +194,24 @@ def review(body: Any, *, excluded_namespaces: frozenset[str] = frozenset(),
                    filtered=learnable.filtered)
 
 
-@dataclass(frozen=True)
-class Learnable:
+class Learnable(NamedTuple):
     images: tuple[str, ...]  # normalized, allowed, without duplicates
     rejected: tuple[tuple[str, str], ...] = ()  # (reference, why it is invalid)
     filtered: tuple[tuple[str, str], ...] = ()  # (image, which pattern kept it out)
 
 
-def learnable_images(found: list[str], image_filter: images.ImageFilter | None) -> Learnable:
+def learnable_images(found: Sequence[str], image_filter: images.ImageFilter | None) -> Learnable:
     """The references of one pod spec that may be learned: normalized, valid, allowed.
     Shared by the observer (reviews) and the reconciler (backfill)."""
+    return _learnable(tuple(found), image_filter)
+
+
+# Pods of one template list the same images, so reviews repeat the same few hundred
+# lists: a hit is one lookup instead of a parse and a filter check per image. Keyed by
+# the filter object too (a filter is fixed for a process's life); bounded, so distinct
+# garbage can only evict entries, never grow memory.
+@functools.lru_cache(maxsize=4096)
+def _learnable(found: tuple[str, ...], image_filter: images.ImageFilter | None) -> Learnable:
     accepted: dict[str, None] = {}
     rejected: list[tuple[str, str]] = []
     filtered: list[tuple[str, str]] = []
