@@ -147,7 +147,7 @@ class AdmissionEndpoints:
 
     @staticmethod
     def bad(message: str) -> Reply:
-        metrics.REVIEWS.labels("", "bad_request").inc()
+        metrics.count(metrics.REVIEWS, ("", "bad_request"))
         return Reply(400, {"error": message})
 
     def answer(self, body: Any, decide, path: str) -> bytes:
@@ -159,7 +159,7 @@ class AdmissionEndpoints:
             raise self.bad(str(bad)) from None
         except Exception:  # a bug must not turn into a 500 the API server retries on
             logger.exception("unexpected error answering %s", path)
-            metrics.REVIEWS.labels("", "error").inc()
+            metrics.count(metrics.REVIEWS, ("", "error"))
             uid = body.get("request", {}).get("uid") if isinstance(body, dict) else None
             if isinstance(uid, str) and uid:
                 return _encode(admission.build_response(uid=uid))
@@ -181,23 +181,23 @@ def create_app(settings: Settings) -> Flask:
                                    image_filter=state.image_filter)
         if outcome.images:
             dropped = buffer.add(outcome.images, outcome.namespace, time.time())
-            metrics.IMAGES_OBSERVED.inc(len(outcome.images))
+            metrics.count(metrics.IMAGES_OBSERVED, (), len(outcome.images))
             if dropped:
-                metrics.IMAGES_DROPPED.inc(dropped)
+                metrics.count(metrics.IMAGES_DROPPED, (), dropped)
         for reference, reason in outcome.rejected:
-            metrics.IMAGES_REJECTED.labels(reason).inc()
+            metrics.count(metrics.IMAGES_REJECTED, (reason,))
             logger.info("invalid image reference %r in %s/%s: %s", reference,
                         outcome.namespace, outcome.kind, reason)
         if outcome.filtered:
-            metrics.IMAGES_FILTERED.inc(len(outcome.filtered))
-        metrics.REVIEWS.labels(outcome.kind, outcome.skipped or "observed").inc()
+            metrics.count(metrics.IMAGES_FILTERED, (), len(outcome.filtered))
+        metrics.count(metrics.REVIEWS, (outcome.kind, outcome.skipped or "observed"))
         return outcome.response
 
     def mutate_review(body: Any) -> admission.AdmissionReview:
         reply = admission.mutate(body, warm=state.flusher.warm_images(),
                                  excluded_namespaces=state.excluded)
-        metrics.REVIEWS.labels("Pod", "mutated" if "patch" in reply["response"]
-                               else "mutate_unchanged").inc()
+        metrics.count(metrics.REVIEWS, ("Pod", "mutated" if "patch" in reply["response"]
+                                            else "mutate_unchanged"))
         return reply
 
     @app.get("/healthz")

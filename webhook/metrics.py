@@ -1,10 +1,19 @@
 """Prometheus metrics. Under gunicorn every worker is a process, so the observer runs
 prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `serve` before
-the workers start) and `/metrics` aggregates the workers' files at scrape time."""
+the workers start) and `/metrics` aggregates the workers' files at scrape time.
+
+In that mode every increment takes a lock and writes the worker's mmap file, and a
+labelled counter first looks up its child: about 7 us for the two counts of a review,
+a quarter of the observer's own time per review. The request path therefore counts into
+a `Tally` (a dict under a lock, under 1 us), and the worker's flusher publishes it to the
+counters every flush interval, when it stops, and before this worker answers a scrape.
+A scrape can so lag the other workers by one flush interval (1 s by default).
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                generate_latest, multiprocess)
@@ -34,7 +43,33 @@ RECONCILES = Counter("prewarm_reconciles_total", "reconcile passes, by DaemonSet
                      ["outcome"])
 
 
+class Tally:
+    """Counts taken on the request path, waiting to be added to their counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
+
+    def add(self, counter: Counter, labels: tuple[str, ...] = (), amount: float = 1) -> None:
+        key = (counter, labels)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + amount
+
+    def publish(self) -> None:
+        """Adds what was counted since the last call to the counters."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        for (counter, labels), amount in counts.items():
+            (counter.labels(*labels) if labels else counter).inc(amount)
+
+
+PENDING = Tally()  # per process: each gunicorn worker has its own
+count = PENDING.add
+publish_pending = PENDING.publish
+
+
 def exposition() -> tuple[bytes, str]:
+    publish_pending()  # this worker's own counts are current; the others' lag <= 1 interval
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

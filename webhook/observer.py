@@ -118,12 +118,14 @@ class Flusher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        metrics.publish_pending()
         if len(self.buffer):
             self.flush(force=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.flush_interval):
             try:
+                metrics.publish_pending()  # the request path's counts (webhook/metrics.py)
                 self.flush()
                 if self._warm_wanted:
                     self._refresh_snapshot()
