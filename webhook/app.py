@@ -121,8 +121,13 @@ class AdmissionEndpoints:
         """The decoded JSON body; a Reply(400) for size, content type or JSON."""
         limit = self.max_body_bytes
         length = get_content_length(environ)
-        # the body as the server framed it (Content-Length or chunked); never past it
-        stream = get_input_stream(environ, max_content_length=None)
+        # the body as the server framed it (Content-Length or chunked); never past it.
+        # gunicorn frames it itself and says so (wsgi.input_terminated): werkzeug would
+        # then hand back the same stream after parsing Content-Length once more.
+        if environ.get("wsgi.input_terminated"):
+            stream = environ["wsgi.input"]
+        else:
+            stream = get_input_stream(environ, max_content_length=None)
         try:
             if length is not None and length > limit:
                 _discard(stream, limit=4 * limit)

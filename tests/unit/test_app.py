@@ -47,10 +47,16 @@ def test_a_chunked_body_is_read_to_its_end(app):
     assert answer.status_code == 200 and answer.json["response"]["allowed"] is True
 
 
-def test_a_body_cut_short_gets_a_400_saying_so(app):
+@pytest.mark.parametrize("server_frames_body", [False, True], ids=["werkzeug", "gunicorn"])
+def test_a_body_cut_short_gets_a_400_saying_so(app, server_frames_body):
+    # gunicorn frames the body itself (wsgi.input_terminated) and its stream just ends
+    # early; without that flag werkzeug's LimitedStream does the framing
     whole = json.dumps(REVIEW).encode()
+    overrides = {"CONTENT_LENGTH": str(len(whole) + 10)}
+    if server_frames_body:
+        overrides["wsgi.input_terminated"] = True
     answer = app.test_client().post("/observe", input_stream=io.BytesIO(whole), headers=JSON,
-                                    environ_overrides={"CONTENT_LENGTH": str(len(whole) + 10)})
+                                    environ_overrides=overrides)
     assert answer.status_code == 400
     assert answer.json == {"error": f"the body ended after {len(whole)} of its "
                                     f"{len(whole) + 10} bytes (Content-Length)"}
