@@ -139,8 +139,11 @@ class Observation:
     def add(self, namespace: str | None, when: float) -> None:
         if namespace:
             self.namespaces.add(namespace)
-        self.first = min(self.first, when) if self.first else when
-        self.last = max(self.last, when)
+        # comparisons, not min()/max(): this runs for every image of every review
+        if not self.first or when < self.first:
+            self.first = when
+        if when > self.last:
+            self.last = when
 
     def absorb(self, other: Observation) -> None:
         self.namespaces |= other.namespaces

@@ -166,3 +166,12 @@ def test_records_of_the_wrong_shape_are_kept_verbatim_not_misread(value):
     assert learned.records == {} and learned.unparsed == {"k": value}
     merge(learned, {"a.io/y:1": seen("ns")}, source="admission", settings=Settings())
     assert learned.encode()["k"] == value
+
+
+def test_an_observation_keeps_the_earliest_and_latest_time_whatever_the_order():
+    # request threads take the time before the buffer's lock, so adds can come out of order
+    observation = Observation()
+    for at, namespace in ((T0 + 5, "b"), (T0, ""), (T0 + 9, "a"), (T0 + 2, "b")):
+        observation.add(namespace, at)
+    assert (observation.first, observation.last) == (T0, T0 + 9)
+    assert observation.namespaces == {"a", "b"}
