@@ -138,19 +138,8 @@ class Server:
                    if line.startswith(name + "{") or line.startswith(name + " "))
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system) used so far by the server's processes: the arbiter
-        and its workers, which share the process group it was started in."""
-        ticks = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # gone meanwhile
-                continue
-            if int(fields[2]) == self.process.pid:  # pgrp: start_new_session made it the pid
-                ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        """CPU time used so far by the arbiter and its workers (its process group)."""
+        return group_cpu_seconds(self.process.pid)  # start_new_session: pgid == pid
 
     def stop(self):
         import signal
@@ -158,6 +147,21 @@ class Server:
         os.killpg(self.process.pid, signal.SIGTERM)
         self.process.wait(30)
         self.log.close()
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of the live processes in process group `pgid`."""
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # -- load ----------------------------------------------------------------------------
