@@ -7,7 +7,8 @@ labelled counter first looks up its child: about 7 us for the two counts of a re
 a quarter of the observer's own time per review. The request path therefore counts into
 a `Tally` (a dict under a lock, under 1 us), and the worker's flusher publishes it to the
 counters every flush interval, when it stops, and before this worker answers a scrape.
-A scrape can so lag the other workers by one flush interval (1 s by default).
+So a scrape can miss up to one flush interval (1 s by default) of the other workers'
+counts, and a worker killed outright (SIGKILL, out of memory) loses at most that much.
 """
 
 from __future__ import annotations
