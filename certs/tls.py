@@ -134,6 +134,20 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+_KEY_USAGES = ("digital_signature", "content_commitment", "key_encipherment",
+              "data_encipherment", "key_agreement", "key_cert_sign", "crl_sign",
+              "encipher_only", "decipher_only")
+
+
+def _key_usage(*granted: str) -> x509.KeyUsage:
+    """The KeyUsage extension with only the `granted` usages set (cryptography's
+    constructor wants all nine flags spelled out)."""
+    unknown = sorted(set(granted) - set(_KEY_USAGES))
+    if unknown:
+        raise ValueError(f"unknown key usage {', '.join(unknown)}")
+    return x509.KeyUsage(**{usage: usage in granted for usage in _KEY_USAGES})
+
+
 def _check_days(days: int) -> None:
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
@@ -156,18 +170,7 @@ def generate_ca(common_name: str = "prewarm-ca", days: int = 3650) -> tuple[byte
         # path_length=0: this CA signs serving certificates, never another CA.
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+            _key_usage("key_cert_sign", "crl_sign"), critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
@@ -271,18 +274,9 @@ def _leaf(
         builder
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                # RSA key exchange encrypts the premaster secret to the key; ECDSA never does.
-                key_encipherment=isinstance(key, rsa.RSAPrivateKey),
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            # RSA key exchange encrypts the premaster secret to the key; ECDSA never does.
+            _key_usage("digital_signature",
+                       *(["key_encipherment"] if isinstance(key, rsa.RSAPrivateKey) else [])),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
