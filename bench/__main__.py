@@ -321,9 +321,11 @@ def bench_observer(args) -> None:
             f"{median[kind]['steal_pct']:>10.1f}" for kind in rate))
         errors = {kind: sum(r["errors"] for r in full.get(kind, []) + rate[kind]) for kind in rate}
         print(f"{'errors':30}" + "".join(f"{errors[kind]:>10}" for kind in rate))
+        # the host's steal during each run next to its p99: on a shared VM the two move
+        # together, whichever server is measured
         for kind, runs in rate.items():
-            print(f"p99 ms at 200 reviews/s, each round, {kind + ':':9} "
-                  + " ".join(f"{r['p99_ms']:.1f}" for r in runs))
+            print(f"p99 ms at 200 reviews/s (steal %), each round, {kind + ':':9} "
+                  + " ".join(f"{r['p99_ms']:.1f} ({r['steal_pct']:.0f})" for r in runs))
         # each round's pair ran back to back, so its ratio is taken under the same host
         # conditions; the median of those ratios is the figure (the ratio of the two
         # medians mixes rounds minutes apart, and steal here swings within minutes)
