@@ -4,12 +4,10 @@ stops every review in flight to scan flask's and the kubernetes client's objects
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO, python_env
 
 SCRIPT = """
 import gc, json
@@ -29,8 +27,8 @@ def test_a_worker_freezes_what_start_up_allocated(tmp_path):
     # a process of its own: freezing is for good, and pytest's heap is not a worker's
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                          cwd=REPO, timeout=120, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "PREWARM_NAMESPACE": "prewarm",
-                              "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+                         env=python_env(PREWARM_NAMESPACE="prewarm",
+                                        PROMETHEUS_MULTIPROC_DIR=str(tmp_path)))
     heap = json.loads(out.stdout)
     assert heap["frozen"] > 10000  # flask, werkzeug, the kubernetes client's models
     assert not heap["app_still_scanned"]
