@@ -26,6 +26,7 @@ from webhook.settings import Settings
 from webhook.store import LearnedSet, Record, parse_time
 
 COMPONENT = "prepuller"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "prewarm"}
 DAEMONSET_LABEL = "prewarm.io/daemonset"
 HASH_ANNOTATION = "prewarm.io/template-hash"
 IMAGE_COUNT_ANNOTATION = "prewarm.io/images"
@@ -135,8 +136,15 @@ def _security_context(settings: Settings, *, read_only: bool = True) -> dict[str
 
 
 def desired_daemonset(shard: Shard, settings: Settings) -> dict[str, Any]:
-    """The DaemonSet for one shard, as a plain manifest (what `render` prints)."""
-    labels = {**selector_labels(shard.name), "app.kubernetes.io/managed-by": "prewarm"}
+    """The DaemonSet for one shard, as a plain manifest (what `render` prints).
+
+    The shards past the first are the reconciler's own: it creates and deletes them, and
+    labels them `managed-by: prewarm`. The first is the chart's placeholder, kept on
+    `helm uninstall` and adopted back by a new install, which Helm allows only while the
+    object's own managed-by label says `Helm`: the reconciler leaves that label to
+    whoever created the object (its pods are labelled `prewarm` either way)."""
+    labels = {**selector_labels(shard.name), **MANAGED_BY}
+    own = labels if shard.index else selector_labels(shard.name)
     mount = {"name": HELPER_VOLUME, "mountPath": HELPER_DIR}
     init_containers: list[dict[str, Any]] = [{
         "name": "prewarm-helper",
@@ -195,7 +203,7 @@ def desired_daemonset(shard: Shard, settings: Settings) -> dict[str, Any]:
     }
     return {
         "apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": {"name": shard.name, "namespace": settings.namespace, "labels": labels,
+        "metadata": {"name": shard.name, "namespace": settings.namespace, "labels": own,
                      "annotations": {HASH_ANNOTATION: spec_hash(spec),
                                      IMAGE_COUNT_ANNOTATION: str(len(shard.images))}},
         "spec": spec,

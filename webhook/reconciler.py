@@ -207,8 +207,9 @@ class Reconciler:
             logger.info("DaemonSet %s %s (%s images)", name, outcomes[name],
                         manifest["metadata"]["annotations"][daemonset.IMAGE_COUNT_ANNOTATION])
         for name, leftover in live.items():
-            if leftover["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by") != \
-                    "prewarm" or name == self.settings.daemonset:
+            labels = leftover["metadata"].get("labels") or {}
+            if not daemonset.MANAGED_BY.items() <= labels.items() or \
+                    name == self.settings.daemonset:
                 continue
             self.apps.delete_namespaced_daemon_set(name, self.settings.namespace,
                                                    _request_timeout=TIMEOUT)

@@ -1,16 +1,22 @@
 """The Helm chart applied to the real API server: accepted in both TLS modes under the
-restricted Pod Security profile, and its identities can do exactly their job."""
+restricted Pod Security profile, its identities can do exactly their job, and a real
+`helm uninstall` and reinstall keep what was learned."""
 
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 import yaml
 from kubernetes import client
 
 from hack.controlplane import cert_manager_crds, find_binary
-from tests.support import eventually, helm_template, new_namespace_name
+from tests.support import (CHART, chart_object, eventually, helm_template, learned_images,
+                           new_namespace_name)
+from webhook import settings as prewarm_settings
+from webhook.reconciler import Reconciler
+from webhook.store import LearnedImagesStore, Observation, merge
 
 POD_SECURITY = {"pod-security.kubernetes.io/enforce": "restricted",
                 "pod-security.kubernetes.io/warn": "restricted",
@@ -20,6 +26,11 @@ POD_SECURITY = {"pod-security.kubernetes.io/enforce": "restricted",
 def kubectl(cluster, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(find_binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig),
                            *args], input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def helm(cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(find_binary("helm")), "--kubeconfig", str(cluster.kubeconfig),
+                           *args], capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +159,61 @@ def test_chart_identities_can_do_their_job_and_nothing_else(cluster, core, crds)
         refused(lambda: client.AppsV1Api(api).list_deployment_for_all_namespaces())
     finally:
         cleanup(cluster, core, namespace, docs)
+
+
+def test_uninstall_keeps_what_was_learned_and_a_reinstall_adopts_it(cluster, core, apps, crds):
+    """The real `helm install`, then the observer's and the reconciler's writes (as their
+    ServiceAccounts), `helm uninstall` and `helm install` again under the same name: the
+    learned set and the filled-in DaemonSet survive, and Helm adopts them back (it refuses
+    an existing object unless its managed-by label says Helm)."""
+    release, image = "pw-keep", "docker.io/library/nginx:1.27"
+    namespace = new_namespace_name(release)
+    core.create_namespace({"metadata": {"name": namespace, "labels": POD_SECURITY}})
+    try:
+        installed = helm(cluster, "install", release, str(CHART), "-n", namespace)
+        assert installed.returncode == 0, installed.stderr
+        docs = helm_template(namespace, release=release)
+
+        observer_sa = chart_object(docs, "ServiceAccount", "-observer")["metadata"]["name"]
+        observer = client.CoreV1Api(cluster.api_client(
+            cluster.kubeconfig_for_service_account(namespace, observer_sa)))
+        store = LearnedImagesStore(observer, namespace=namespace, name="learned-images")
+        now = time.time()
+        store.update(lambda learned: merge(learned, {image: Observation({"team"}, now, now)},
+                                           source="admission",
+                                           settings=prewarm_settings.Settings()).changed)
+
+        reconciler = chart_object(docs, "Deployment", "-reconciler")
+        container = reconciler["spec"]["template"]["spec"]["containers"][0]
+        environ = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        settings = prewarm_settings.load(environ={**environ, "PREWARM_NAMESPACE": namespace})
+        reconciler_sa = reconciler["spec"]["template"]["spec"]["serviceAccountName"]
+        result = Reconciler(settings, cluster.api_client(
+            cluster.kubeconfig_for_service_account(namespace, reconciler_sa))).reconcile_once(
+                backfill=False)
+        assert result.daemonsets == {settings.daemonset: "updated"}
+
+        def pulled() -> list[str]:
+            live = apps.read_namespaced_daemon_set(settings.daemonset, namespace)
+            return [c.image for c in live.spec.template.spec.init_containers
+                    if c.name.startswith("pull-")]
+
+        assert pulled() == [image]
+
+        removed = helm(cluster, "uninstall", release, "-n", namespace)
+        assert removed.returncode == 0, removed.stderr
+        # the release's workloads are gone; what was learned and its DaemonSet stay
+        assert not apps.list_namespaced_deployment(namespace).items
+        assert image in learned_images(core, namespace)
+        assert pulled() == [image]
+
+        again = helm(cluster, "install", release, str(CHART), "-n", namespace)
+        assert again.returncode == 0, again.stderr
+        assert image in learned_images(core, namespace)
+        assert pulled() == [image]
+        assert {d.metadata.name for d in apps.list_namespaced_deployment(namespace).items} == {
+            d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    finally:
+        helm(cluster, "uninstall", release, "-n", namespace)
+        core.delete_namespace(namespace)
+

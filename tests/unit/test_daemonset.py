@@ -114,6 +114,24 @@ def test_adding_one_image_to_300_changes_only_one_shard():
     assert changed == ["prewarm-images-3"]
 
 
+def test_only_the_reconcilers_own_shards_say_managed_by_prewarm():
+    """The first DaemonSet is the chart's placeholder: its managed-by label stays Helm's,
+    or a reinstall could not adopt it. Later shards, and every pre-pull pod, are Prewarm's
+    (the reconciler deletes an emptied shard only when it says so)."""
+    settings = Settings(shard_size=1)
+    learned = learned_with(["a.io/one:1", "a.io/two:1"])
+    persist(learned, settings)
+    first, second = daemonset.desired_daemonsets(learned, settings, now=NOW)
+    key = "app.kubernetes.io/managed-by"
+    assert first["metadata"]["name"] == settings.daemonset
+    assert key not in first["metadata"]["labels"]
+    assert second["metadata"]["labels"][key] == "prewarm"
+    for manifest in (first, second):
+        assert manifest["spec"]["template"]["metadata"]["labels"][key] == "prewarm"
+        assert manifest["spec"]["selector"]["matchLabels"].items() <= \
+            manifest["metadata"]["labels"].items()
+
+
 def test_removing_an_image_changes_only_its_shard_and_the_slot_is_reused():
     settings = Settings(shard_size=2)
     learned = learned_with(["a.io/a:1", "a.io/b:1", "a.io/c:1", "a.io/d:1"])
