@@ -188,10 +188,12 @@ def test_uninstall_keeps_what_was_learned_and_a_reinstall_adopts_it(cluster, cor
         environ = {e["name"]: e["value"] for e in container["env"] if "value" in e}
         settings = prewarm_settings.load(environ={**environ, "PREWARM_NAMESPACE": namespace})
         reconciler_sa = reconciler["spec"]["template"]["spec"]["serviceAccountName"]
-        result = Reconciler(settings, cluster.api_client(
-            cluster.kubeconfig_for_service_account(namespace, reconciler_sa))).reconcile_once(
-                backfill=False)
+        reconciler = Reconciler(settings, cluster.api_client(
+            cluster.kubeconfig_for_service_account(namespace, reconciler_sa)))
+        result = reconciler.reconcile_once(backfill=False)
         assert result.daemonsets == {settings.daemonset: "updated"}
+        generation = apps.read_namespaced_daemon_set(settings.daemonset,
+                                                     namespace).metadata.generation
 
         def pulled() -> list[str]:
             live = apps.read_namespaced_daemon_set(settings.daemonset, namespace)
@@ -213,6 +215,11 @@ def test_uninstall_keeps_what_was_learned_and_a_reinstall_adopts_it(cluster, cor
         assert pulled() == [image]
         assert {d.metadata.name for d in apps.list_namespaced_deployment(namespace).items} == {
             d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+        # adopting it changed nothing the pods are made from: no node pulls anew
+        assert apps.read_namespaced_daemon_set(settings.daemonset,
+                                               namespace).metadata.generation == generation
+        assert reconciler.reconcile_once(backfill=False).daemonsets == {
+            settings.daemonset: "unchanged"}
     finally:
         helm(cluster, "uninstall", release, "-n", namespace)
         core.delete_namespace(namespace)
