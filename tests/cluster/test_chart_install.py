@@ -163,9 +163,9 @@ def test_chart_identities_can_do_their_job_and_nothing_else(cluster, core, crds)
 
 def test_uninstall_keeps_what_was_learned_and_a_reinstall_adopts_it(cluster, core, apps, crds):
     """The real `helm install`, then the observer's and the reconciler's writes (as their
-    ServiceAccounts), `helm uninstall` and `helm install` again under the same name: the
-    learned set and the filled-in DaemonSet survive, and Helm adopts them back (it refuses
-    an existing object unless its managed-by label says Helm)."""
+    ServiceAccounts), `helm upgrade`, `helm uninstall` and `helm install` again under the
+    same name: the learned set and the filled-in DaemonSet survive, and Helm adopts them
+    back (it refuses an existing object unless its managed-by label says Helm)."""
     release, image = "pw-keep", "docker.io/library/nginx:1.27"
     namespace = new_namespace_name(release)
     core.create_namespace({"metadata": {"name": namespace, "labels": POD_SECURITY}})
@@ -201,6 +201,14 @@ def test_uninstall_keeps_what_was_learned_and_a_reinstall_adopts_it(cluster, cor
                     if c.name.startswith("pull-")]
 
         assert pulled() == [image]
+
+        # an upgrade resets the fields the chart sets, which are the reconciler's for an
+        # empty set: the learned pull stays and the pods are not rolled
+        upgraded = helm(cluster, "upgrade", release, str(CHART), "-n", namespace)
+        assert upgraded.returncode == 0, upgraded.stderr
+        assert pulled() == [image]
+        assert apps.read_namespaced_daemon_set(settings.daemonset,
+                                               namespace).metadata.generation == generation
 
         removed = helm(cluster, "uninstall", release, "-n", namespace)
         assert removed.returncode == 0, removed.stderr
