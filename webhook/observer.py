@@ -31,6 +31,13 @@ SNAPSHOT_MAX_AGE = 30.0
 MAX_BACKOFF = 30.0
 
 
+def backoff(failures: int, interval: float) -> float:
+    """Seconds before the next attempt after `failures` in a row: doubling from the flush
+    interval, at most MAX_BACKOFF, whatever the count (an outage or a lasting 403 can
+    fail thousands of times, and 2.0 ** 1024 no longer fits a float)."""
+    return min(MAX_BACKOFF, interval * 2.0 ** min(failures, 32))
+
+
 class ImageBuffer:
     """Thread-safe map of image -> Observation, bounded to `limit` distinct images."""
 
@@ -181,7 +188,7 @@ class Flusher:
             if dropped:
                 metrics.IMAGES_DROPPED.inc(dropped)
             self._failures += 1
-            delay = min(MAX_BACKOFF, self.settings.flush_interval * 2 ** self._failures)
+            delay = backoff(self._failures, self.settings.flush_interval)
             self._next_attempt = now + delay * random.uniform(0.8, 1.2)
             self.last_error = str(error)
             metrics.FLUSHES.labels("error").inc()

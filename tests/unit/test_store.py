@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from webhook.observer import ImageBuffer
+from webhook.observer import MAX_BACKOFF, ImageBuffer, backoff
 from webhook.settings import Settings
 from webhook.store import (MAX_NAMESPACES_PER_IMAGE, LearnedSet, Observation, Record,
                            expire, merge, merge_patch, needs_write, parse_time, rfc3339)
@@ -136,6 +136,15 @@ def test_buffer_is_bounded_and_counts_drops():
     assert len(pending) == 3 and pending["a.io/0:1"].namespaces == {"ns", "other"}
     assert len(buffer) == 0
     assert buffer.restore(pending) == 0 and len(buffer) == 3
+
+
+def test_flush_backoff_doubles_to_its_cap_and_stays_there_through_a_long_outage():
+    assert [backoff(n, 1.0) for n in range(1, 7)] == [2.0, 4.0, 8.0, 16.0, MAX_BACKOFF,
+                                                      MAX_BACKOFF]
+    # 30 s apart, 1,024 failures is eight and a half hours of an unreachable API server
+    for failures in (1023, 1024, 10**6):
+        assert backoff(failures, 1.0) == MAX_BACKOFF
+    assert backoff(10**6, 1e-6) == MAX_BACKOFF
 
 
 @pytest.mark.parametrize("bad", ["", "2026-11-21", "yesterday"])
