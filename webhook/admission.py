@@ -21,6 +21,7 @@ from webhook import images
 API_VERSION = "admission.k8s.io/v1"
 
 Operation = Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
+OPERATIONS = frozenset(("CREATE", "UPDATE", "DELETE", "CONNECT"))
 
 
 class GroupVersionKind(TypedDict):
@@ -123,18 +124,28 @@ def parse_request(body: Any) -> AdmissionRequest:
     _require(isinstance(request.get("namespace", ""), str),
              "request.namespace must be a string")
     _require(isinstance(request.get("dryRun", False), bool), "request.dryRun must be a boolean")
-    _require(isinstance(request.get("operation"), str), "request.operation must be a string")
+    operation = request.get("operation")
+    if operation not in OPERATIONS:
+        # also keeps what a client sends out of the metrics' labels (see review)
+        raise BadReview(f"request.operation must be one of CREATE, UPDATE, DELETE, CONNECT, "
+                        f"got {operation!r:.80}")
     return request  # type: ignore[return-value]
+
+
+def spec_path(kind: GroupVersionKind) -> tuple[str, ...]:
+    """Where the observed `kind` keeps its pod spec; raises BadReview for another kind."""
+    key = (kind.get("group", ""), kind["kind"])
+    path = POD_SPEC_PATHS.get(key)
+    if path is None:
+        name = f"{key[0]}/{key[1]}" if key[0] else key[1]
+        raise BadReview(f"kind {name:.80} is not observed (Pods and pod-template workloads "
+                        f"only)")
+    return path
 
 
 def pod_spec(kind: GroupVersionKind, obj: Any) -> dict[str, Any]:
     """The pod spec inside `obj`, found by kind; raises BadReview if it is not there."""
-    key = (kind.get("group", ""), kind["kind"])
-    path = POD_SPEC_PATHS.get(key)
-    if path is None:
-        group = f"{key[0]}/" if key[0] else ""
-        raise BadReview(f"kind {group}{key[1]} is not observed (Pods and pod-template "
-                        f"workloads only)")
+    path = spec_path(kind)
     _require(isinstance(obj, dict), "request.object must be an object")
     node: Any = obj
     for depth, step in enumerate(path):
@@ -176,6 +187,9 @@ def review(body: Any, *, excluded_namespaces: frozenset[str] = frozenset(),
     namespace = request.get("namespace", "")
     response = build_response(uid=uid)
     operation = request["operation"]
+    # kind and operation are checked first: both name the metrics' series (the caller
+    # counts by them), so they must come from a fixed set, whatever a client sends
+    spec_path(kind)
     if operation not in ("CREATE", "UPDATE"):
         return Outcome(response=response, kind=kind["kind"], namespace=namespace,
                        skipped=f"operation {operation}")

@@ -111,8 +111,8 @@ def _without(path: list[str]) -> dict:
     return review
 
 
-def _with(path: list[str], value) -> dict:
-    review = make_review()
+def _with(path: list[str], value, *, base: dict | None = None) -> dict:
+    review = make_review() if base is None else base
     node = review
     for step in path[:-1]:
         node = node[step]
@@ -136,6 +136,10 @@ BAD = {
     "unknown kind": _with(["request", "kind"], {"group": "", "version": "v1", "kind": "Secret"}),
     "group of wrong type": _with(["request", "kind"], {"group": 1, "version": "v1", "kind": "Pod"}),
     "no operation": _without(["request", "operation"]),
+    "unknown operation": _with(["request", "operation"], "PATCH"),
+    "unknown kind, DELETE": _with(["request", "kind"], {"group": "", "version": "v1",
+                                                        "kind": "Secret"},
+                                  base=make_review(operation="DELETE", obj={})),
     "namespace not a string": _with(["request", "namespace"], ["a"]),
     "dryRun not a bool": _with(["request", "dryRun"], "yes"),
     "no object": _without(["request", "object"]),
@@ -161,6 +165,10 @@ def test_malformed_reviews_raise_bad_review_with_a_message(body):
     ("wrong apiVersion", "apiVersion must be 'admission.k8s.io/v1' (admissionReviewVersions: "
                          "[v1]), got 'admission.k8s.io/v1beta1'"),
     ("unknown kind", "kind Secret is not observed (Pods and pod-template workloads only)"),
+    ("unknown kind, DELETE", "kind Secret is not observed (Pods and pod-template workloads "
+                             "only)"),
+    ("unknown operation", "request.operation must be one of CREATE, UPDATE, DELETE, CONNECT, "
+                          "got 'PATCH'"),
     ("pod without spec", "request.object.spec must be an object"),
     ("deployment without template", "request.object.spec.template must be an object"),
     ("containers not a list", "spec.containers must be a list"),

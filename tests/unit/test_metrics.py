@@ -78,6 +78,25 @@ def test_a_scrape_shows_the_reviews_this_worker_answered_just_before():
     assert value("prewarm_reviews_total", {"kind": "", "result": "bad_request"}) >= 1
 
 
+def test_what_a_client_names_never_becomes_a_metric_series():
+    """Kinds and operations come from a fixed set: made-up ones are refused (400), so a
+    client cannot add series to the metrics (files in a small in-memory /tmp)."""
+    app = create_app(Settings(namespace="prewarm"))
+    client = app.test_client()
+    for index in range(20):
+        body = json.loads(review(f"u-{index}"))
+        body["request"]["kind"]["kind"] = f"Made{index}"
+        body["request"]["operation"] = "DELETE"
+        other = json.loads(review(f"v-{index}"))
+        other["request"]["operation"] = f"OP{index}"
+        for doc in (body, other):
+            assert client.post("/observe", data=json.dumps(doc),
+                               headers={"Content-Type": "application/json"}).status_code == 400
+    scrape = client.get("/metrics").text
+    assert "Made" not in scrape and "OP1" not in scrape
+    assert value("prewarm_reviews_total", {"kind": "", "result": "bad_request"}) >= 40
+
+
 def unreachable():
     raise StoreUnavailable("no API server in this test")
 
