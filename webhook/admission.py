@@ -217,14 +217,22 @@ class Learnable(NamedTuple):
 def learnable_images(found: Sequence[str], image_filter: images.ImageFilter | None) -> Learnable:
     """The references of one pod spec that may be learned: normalized, valid, allowed.
     Shared by the observer (reviews) and the reconciler (backfill)."""
-    return _learnable(tuple(found), image_filter)
+    found = tuple(found)
+    if sum(map(len, found)) <= CACHED_LIST_CHARS:
+        return _cached_learnable(found, image_filter)
+    return _learnable(found, image_filter)
 
 
 # Pods of one template list the same images, so reviews repeat the same few hundred
 # lists: a hit is one lookup instead of a parse and a filter check per image. Keyed by
-# the filter object too (a filter is fixed for a process's life); bounded, so distinct
-# garbage can only evict entries, never grow memory.
-@functools.lru_cache(maxsize=4096)
+# the filter object too (a filter is fixed for a process's life). Bounded in entries and
+# in the size of each: a review may carry thousands of images (up to the body limit),
+# and caching such lists would keep megabytes per distinct review; with these bounds
+# the cache holds at most a few MiB per worker, whatever clients send.
+CACHED_LISTS = 1024
+CACHED_LIST_CHARS = 2048  # some 15 references with registry, path, tag and digest
+
+
 def _learnable(found: tuple[str, ...], image_filter: images.ImageFilter | None) -> Learnable:
     accepted: dict[str, None] = {}
     rejected: list[tuple[str, str]] = []
@@ -241,6 +249,9 @@ def _learnable(found: tuple[str, ...], image_filter: images.ImageFilter | None) 
             continue
         accepted.setdefault(str(reference), None)
     return Learnable(tuple(accepted), tuple(rejected), tuple(filtered))
+
+
+_cached_learnable = functools.lru_cache(maxsize=CACHED_LISTS)(_learnable)
 
 
 # -- the optional mutating endpoint (/mutate) ------------------------------------------

@@ -72,6 +72,18 @@ def _discard(stream, *, limit: int) -> None:
         remaining -= len(chunk)
 
 
+LOGGED_REJECTIONS = 5  # invalid references logged per review; all are counted
+LOGGED_CHARS = 200
+
+
+def _quoted(reference: str) -> str:
+    """repr() of a reference, cut to LOGGED_CHARS characters (a reference in a review
+    may be as long as the body)."""
+    if len(reference) <= LOGGED_CHARS:
+        return repr(reference)
+    return f"{reference[:LOGGED_CHARS]!r}... ({len(reference)} characters)"
+
+
 def _encode(document: Any) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
@@ -189,10 +201,15 @@ def create_app(settings: Settings) -> Flask:
             metrics.count(metrics.IMAGES_OBSERVED, (), len(outcome.images))
             if dropped:
                 metrics.count(metrics.IMAGES_DROPPED, (), dropped)
-        for reference, reason in outcome.rejected:
+        for index, (reference, reason) in enumerate(outcome.rejected):
             metrics.count(metrics.IMAGES_REJECTED, (reason,))
-            logger.info("invalid image reference %r in %s/%s: %s", reference,
-                        outcome.namespace, outcome.kind, reason)
+            if index < LOGGED_REJECTIONS:  # a review may carry thousands, each of any length
+                logger.info("invalid image reference %s in %s/%s: %s", _quoted(reference),
+                            outcome.namespace, outcome.kind, reason)
+        if len(outcome.rejected) > LOGGED_REJECTIONS:
+            logger.info("%d more invalid image references in %s/%s (counted in "
+                        "prewarm_images_rejected_total)", len(outcome.rejected) -
+                        LOGGED_REJECTIONS, outcome.namespace, outcome.kind)
         if outcome.filtered:
             metrics.count(metrics.IMAGES_FILTERED, (), len(outcome.filtered))
         metrics.count(metrics.REVIEWS, (outcome.kind, outcome.skipped or "observed"))

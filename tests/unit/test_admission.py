@@ -237,3 +237,34 @@ def test_mutate_ignores_workloads_and_updates_and_rejects_malformed():
     assert "patch" not in admission.mutate(make_review(operation="UPDATE"), warm=warm)["response"]
     with pytest.raises(admission.BadReview):
         admission.mutate(BAD["no uid"], warm=warm)
+
+
+def test_reviews_of_thousands_of_images_leave_nothing_behind_in_memory():
+    """Small lists repeat and are remembered; a review may carry thousands of images (up
+    to the body limit), and what it leaves behind must not grow with each distinct one."""
+    import gc
+    import tracemalloc
+
+    def huge(index: int) -> dict:
+        containers = [{"name": f"c{n}", "image": f"reg{index}.example.com/team/app-{n:05d}:v1"}
+                      for n in range(1000)]
+        return make_review(obj={"spec": {"containers": containers}})
+
+    tracemalloc.start()  # before the warm-up, so what it makes and later frees is traced
+    try:
+        # fill what is bounded by entries and made once: images.parse's cache of 8,192
+        # valid references (each a few hundred characters at most, by the grammar), ...
+        for index in range(-10, 0):
+            admission.review(huge(index))
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(20):
+            outcome = admission.review(huge(index))
+            assert len(outcome.images) == 1000
+        del outcome
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # 20 reviews of 1,000 references are some 3 MB of strings: none of it may stay
+    assert kept < 512 * 1024, f"{kept} bytes kept after 20 distinct reviews"

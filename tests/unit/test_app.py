@@ -114,3 +114,21 @@ def test_the_other_paths_are_flask_views(app):
     missing = client.get("/observe/")
     assert missing.status_code == 404
     assert missing.json == {"error": "no such endpoint: /observe/"}
+
+
+def test_a_review_full_of_long_invalid_references_logs_a_bounded_few_lines(caplog):
+    """Each invalid reference is counted; only the first few are logged, cut short, so a
+    review of thousands of them cannot flood the log."""
+    app = create_app(Settings(namespace="prewarm"))
+    junk = [f"Bad/{index:03d}/" + "X" * 10_000 for index in range(30)]
+    body = json.loads(json.dumps(REVIEW))
+    body["request"]["object"]["spec"]["containers"] = [
+        {"name": f"c{index}", "image": image} for index, image in enumerate(junk)]
+    with caplog.at_level("INFO", logger="webhook.app"):
+        answer = app.test_client().post("/observe", data=json.dumps(body), headers=JSON)
+    assert answer.status_code == 200 and answer.json["response"]["allowed"] is True
+    lines = [r.getMessage() for r in caplog.records if r.name == "webhook.app"]
+    assert len(lines) == 6, lines
+    assert all(len(line) < 400 for line in lines)
+    assert "'Bad/000/XXX" in lines[0] and "(10008 characters)" in lines[0]
+    assert lines[-1].startswith("25 more invalid image references in team/Pod")
