@@ -274,13 +274,13 @@ def _diagnose(candidate: str) -> str:
 @dataclass(frozen=True)
 class _Pattern:
     text: str
-    host: str  # lower case: host names are case-insensitive
+    host: str  # see _canonical_host
     port: int | None  # None: any port
     segments: tuple[str, ...]  # path prefix; "*" stands for exactly one segment
 
     def matches(self, ref: Reference) -> bool:
         host, port = _split_host_port(ref.domain)
-        if host.lower() != self.host:
+        if _canonical_host(host) != self.host:
             return False
         if self.port is not None and port != self.port:
             return False
@@ -306,7 +306,9 @@ class ImageFilter:
       port matches; without one (`reg.io`) the host matches on any port, because
       `reg.io:443/x` is pulled from the same server and must not slip past a deny.
     - The first segment is a registry when it contains `.` or `:`, is `localhost`, or is
-      not lowercase, as for images; `index.docker.io` means `docker.io`. An explicit
+      not lowercase, as for images; `index.docker.io` means `docker.io`, in images too,
+      whatever its case or port (`INDEX.DOCKER.IO:443/x` is not normalized to
+      `docker.io`, as the runtime would not, yet names the same registry). An explicit
       registry's path is taken literally: `docker.io/library` is the official images'
       namespace, `docker.io/bitnami` the bitnami namespace.
     - A pattern that does not start with a registry is normalized like an image name:
@@ -379,7 +381,14 @@ def _compile_pattern(text: str) -> _Pattern:
                 "(lowercase letters, digits and separators, or * alone)"
             )
     host, port = _split_host_port(domain)
-    return _Pattern(text=text, host=host.lower(), port=port, segments=tuple(segments))
+    return _Pattern(text=text, host=_canonical_host(host), port=port, segments=tuple(segments))
+
+
+def _canonical_host(host: str) -> str:
+    """The host as patterns compare it: host names are case-insensitive, and Docker Hub's
+    legacy name is Docker Hub, in any spelling the grammar leaves as it is."""
+    host = host.lower()
+    return DEFAULT_DOMAIN if host == LEGACY_DEFAULT_DOMAIN else host
 
 
 def _split_host_port(domain: str) -> tuple[str, int | None]:
