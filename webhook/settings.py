@@ -88,8 +88,12 @@ FIELDS: tuple[Field, ...] = (
     Field("tls_key_file", "", str, "serving private key (PEM); re-read when it changes", SERVE),
     Field("workers", "2", int, "gunicorn worker processes", SERVE),
     Field("threads", "8", int, "threads per gunicorn worker (gthread)", SERVE),
-    Field("keepalive", "75", int, "seconds an idle keep-alive connection is held open; longer "
-          "than the API server's idle reuse so TLS connections are reused", SERVE),
+    # The API server's webhook client (client-go's transport cache, utilnet's transport
+    # defaults) keeps an idle connection for Go's default 90 s. A server that closes
+    # first races the client's next POST on that connection, which Go does not retry
+    # (not idempotent): that review would fail and, under failurePolicy Ignore, go unseen.
+    Field("keepalive", "120", int, "seconds an idle keep-alive connection is held open; longer "
+          "than the API server's idle reuse (90 s) so TLS connections are reused", SERVE),
     Field("max_body_bytes", str(3 * 1024 * 1024), int, "largest AdmissionReview accepted; "
           "etcd caps objects at 1.5 MiB and a review carries the object twice on UPDATE", SERVE),
     Field("flush_interval", "1s", parse_duration, "how often buffered images are written", SERVE),
@@ -163,7 +167,7 @@ class Settings:
     tls_key_file: str = ""
     workers: int = 2
     threads: int = 8
-    keepalive: int = 75
+    keepalive: int = 120
     max_body_bytes: int = 3 * 1024 * 1024
     flush_interval: float = 1.0
     buffer_max: int = 20000

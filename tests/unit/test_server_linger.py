@@ -44,7 +44,7 @@ serve(settings.load(), app_factory=lambda _settings: app)
 
 
 class Server:
-    def __init__(self, workdir: Path, *, threads: int, linger: float):
+    def __init__(self, workdir: Path, *, threads: int, linger: float, keepalive: int = 120):
         from hack.controlplane import free_port
 
         self.workdir, self.port = loopback_pki(workdir), free_port()
@@ -54,6 +54,7 @@ class Server:
                        PREWARM_TLS_CERT_FILE=str(workdir / "tls.crt"),
                        PREWARM_TLS_KEY_FILE=str(workdir / "tls.key"),
                        PREWARM_WORKERS="1", PREWARM_THREADS=str(threads),
+                       PREWARM_KEEPALIVE=str(keepalive),
                        PREWARM_NAMESPACE="prewarm", PREWARM_LOG_LEVEL="WARNING"),
             workdir / "server.log")
         wait_for("server", self._answers, timeout=30, alive=self.process.alive)
@@ -82,8 +83,9 @@ def thread_of(connection: http.client.HTTPSConnection, path: str) -> int:
 
 @pytest.fixture
 def server(tmp_path, request):
-    threads, linger = request.param
-    started = Server(tmp_path, threads=threads, linger=linger)
+    threads, linger, *keepalive = request.param
+    started = Server(tmp_path, threads=threads, linger=linger, **(
+        {"keepalive": keepalive[0]} if keepalive else {}))
     yield started
     started.process.stop()
 
@@ -126,3 +128,20 @@ def test_a_waiting_thread_does_not_delay_a_graceful_stop(server):
     server.process.popen.send_signal(signal.SIGTERM)
     # gunicorn's own grace is 20 s: a stop that waited for the thread would take that long
     assert server.process.popen.wait(timeout=15) == 0
+
+
+@pytest.mark.parametrize("server", [(2, 0.2, 3)], indirect=True)
+def test_an_idle_connection_is_closed_after_the_keepalive_not_before(server):
+    """PREWARM_KEEPALIVE reaches gunicorn: the server holds an idle connection open for
+    that long (the default outlasts the API server's own 90 s of idle reuse, so the
+    server is never the one that closes under a review being sent)."""
+    import time
+
+    connection = server.connection()
+    thread_of(connection, "/")
+    answered = time.monotonic()
+    connection.sock.settimeout(30)
+    assert connection.sock.recv(1) == b""  # returns when the server closes it
+    idle = time.monotonic() - answered
+    # gunicorn looks for expired connections about once a second
+    assert 3 <= idle < 3 + 5, f"closed after {idle:.1f}s idle"

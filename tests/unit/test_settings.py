@@ -67,3 +67,9 @@ def test_a_failed_flush_keeps_the_whole_batch_for_the_next_attempt():
 def test_settings_module_has_one_entry_per_dataclass_field():
     assert {f.name for f in FIELDS} == {f.name for f in dataclasses.fields(Settings)}
     assert settings_module.parse_duration("1.5m") == 90
+
+
+def test_default_keepalive_outlasts_the_api_servers_idle_connections():
+    # client-go's transport (utilnet.SetOldTransportDefaults) keeps an idle webhook
+    # connection for Go's default 90 s; closing sooner races the API server's next POST
+    assert Settings().keepalive > 90
