@@ -145,6 +145,18 @@ def test_an_image_bump_is_learned_from_the_update_before_any_pod_runs_it(setup, 
     assert learned["app.example.com/svc:2"]["namespaces"] == [setup.labelled]
 
 
+def test_an_ephemeral_container_added_to_a_running_pod_is_learned(setup):
+    # the API server refuses ephemeralContainers on create: `kubectl debug` adds them
+    # through the pods/ephemeralcontainers subresource, an UPDATE of the whole pod
+    setup.core.create_namespaced_pod(setup.labelled, pod("debugged", "app.example.com/main:1"))
+    setup.wait_learned("app.example.com/main:1")
+    setup.core.patch_namespaced_pod_ephemeralcontainers("debugged", setup.labelled, {
+        "spec": {"ephemeralContainers": [{"name": "debugger", "image": "busybox:1.37",
+                                          "stdin": True, "tty": True}]}})
+    learned = setup.wait_learned("docker.io/library/busybox:1.37")
+    assert learned["docker.io/library/busybox:1.37"]["namespaces"] == [setup.labelled]
+
+
 def test_known_images_cause_no_writes(setup):
     setup.sentinel()
     writes_before = setup.observer.metric("prewarm_api_writes_total")

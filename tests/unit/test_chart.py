@@ -194,6 +194,7 @@ def test_validating_webhook_is_exactly_the_designed_one() -> None:
               tuple(r["resources"]), r["scope"]) for r in hook["rules"]}
     assert rules == {
         (("",), ("v1",), ("CREATE",), ("pods",), "Namespaced"),
+        (("",), ("v1",), ("UPDATE",), ("pods/ephemeralcontainers",), "Namespaced"),
         (("apps",), ("v1",), ("CREATE", "UPDATE"),
          ("deployments", "statefulsets", "daemonsets", "replicasets"), "Namespaced"),
         (("",), ("v1",), ("CREATE", "UPDATE"), ("replicationcontrollers",), "Namespaced"),
