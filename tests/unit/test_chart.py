@@ -583,3 +583,23 @@ def test_helm_test_pod_verifies_tls_against_the_ca() -> None:
     compile(script, "helm-test", "exec")  # the inline script is valid Python
     (tls,) = [v for v in pod["spec"]["volumes"] if v["name"] == "tls"]
     assert tls["secret"]["secretName"] == f"{RELEASE}-tls"
+
+
+def test_webhook_configurations_are_named_after_the_release_whatever_its_name() -> None:
+    """`<release>-observe` (DESIGN.md), also for a release name without "prewarm", where
+    the namespaced objects get the chart's usual `<release>-prewarm` full name; the
+    certificate Job patches and may touch exactly those configurations."""
+    result = run_helm("template", "team-a", str(CHART), "--namespace", NAMESPACE, *JOB_MODE)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    validating = one(objects, "ValidatingWebhookConfiguration", "team-a-observe")
+    one(objects, "MutatingWebhookConfiguration", "team-a-mutate")
+    assert validating["webhooks"][0]["clientConfig"]["service"]["name"] == "team-a-prewarm"
+    patcher = next(j for j in find(objects, "Job")
+                   if j["metadata"]["annotations"]["helm.sh/hook"].startswith("post-"))
+    args = pod_spec(patcher)["containers"][0]["args"]
+    assert args[args.index("--validating-webhook") + 1] == "team-a-observe"
+    assert args[args.index("--mutating-webhook") + 1] == "team-a-mutate"
+    webhooks = rules_by_role(objects)[("ClusterRole", "team-a-prewarm-certs")]
+    assert {name for rule in webhooks for name in rule["resourceNames"]} == {
+        "team-a-observe", "team-a-mutate"}

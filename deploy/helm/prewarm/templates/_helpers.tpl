@@ -72,12 +72,17 @@ Object names derived from the full name.
 {{- printf "%s-ca" (include "prewarm.fullname" .) -}}
 {{- end -}}
 
+{{/*
+The webhook configurations are named after the release itself (`<release>-observe`, as
+DESIGN.md fixes it), not the full name: cluster-scoped, they are what an operator looks
+for in `kubectl get validatingwebhookconfigurations`.
+*/}}
 {{- define "prewarm.validatingWebhookName" -}}
-{{- printf "%s-observe" (include "prewarm.fullname" .) -}}
+{{- printf "%s-observe" .Release.Name -}}
 {{- end -}}
 
 {{- define "prewarm.mutatingWebhookName" -}}
-{{- printf "%s-mutate" (include "prewarm.fullname" .) -}}
+{{- printf "%s-mutate" .Release.Name -}}
 {{- end -}}
 
 {{/*
