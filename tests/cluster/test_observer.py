@@ -123,6 +123,43 @@ def test_unlabelled_namespace_and_own_namespace_record_nothing(setup):
     assert own not in learned
 
 
+def test_own_namespace_is_ignored_by_the_code_too_when_the_selector_lets_it_through(setup):
+    """The namespaceSelector keeps Prewarm's namespace out; if a hand-edited configuration
+    does not, the observer itself still records nothing from there."""
+    import copy
+
+    from kubernetes.client import AdmissionregistrationV1Api
+
+    from tests.support import chart_object, helm_template, webhook_for_url
+
+    config = copy.deepcopy(chart_object(helm_template(setup.release_ns),
+                                        "ValidatingWebhookConfiguration"))
+    for expression in config["webhooks"][0]["namespaceSelector"]["matchExpressions"]:
+        if expression["operator"] == "NotIn":
+            expression["values"].remove(setup.release_ns)
+    name = f"{setup.release_ns}-observe-all"
+    api = AdmissionregistrationV1Api(setup.cluster.api_client())
+    api.create_validating_webhook_configuration(
+        webhook_for_url(config, setup.observer.url, setup.observer.ca, name))
+    excluded = 'prewarm_reviews_total{kind="Pod",result="excluded-namespace"}'
+    before, reviews = setup.observer.metric(excluded), setup.observer.metric(
+        "prewarm_reviews_total")
+    images = []
+    try:
+        def reviewed() -> bool:  # the API server picks the configuration up in a moment
+            images.append(f"own.example.com/called:{len(images)}")
+            setup.core.create_namespaced_pod(setup.release_ns, pod(
+                f"own-{uuid.uuid4().hex[:6]}", images[-1]))
+            return setup.observer.metric("prewarm_reviews_total") > reviews
+
+        eventually("a review from Prewarm's own namespace", reviewed, timeout=60, interval=1)
+    finally:
+        unregister_webhook(setup.cluster, name)
+    setup.sentinel()
+    assert not set(images) & set(setup.learned())
+    assert setup.observer.metric(excluded) > before
+
+
 def test_server_side_dry_run_records_nothing(setup, tmp_path):
     manifest = tmp_path / "pod.json"
     manifest.write_text(json.dumps(pod("dry", "dryrun.example.com/only:1")))
