@@ -57,7 +57,8 @@ def test_is_static_no_dynamic_loader(noop: Path) -> None:
     [],
     ["--help"],
     ["pull", "docker.io/library/nginx:latest"],
-    ["".join(random.choices(string.printable.strip(), k=40)) for _ in range(8)],
+    ["".join(random.Random(index).choices(string.printable.strip(), k=40))
+     for index in range(8)],
 ])
 def test_exits_zero_whatever_the_arguments(noop: Path, args: list[str]) -> None:
     result = subprocess.run([str(noop), *args], capture_output=True, timeout=10)
