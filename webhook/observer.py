@@ -211,12 +211,20 @@ class Flusher:
                 self._refused_until[image] = now + SNAPSHOT_MAX_AGE
             logger.warning("%d images not recorded: %s (first: %s)", len(result.refused),
                            result.refused[0][1], result.refused[0][0])
+        if result.unlisted:
+            # recorded already; without this they would be merged again every flush
+            for image in result.unlisted:
+                self._refused_until[image] = now + SNAPSHOT_MAX_AGE
+            logger.warning("%d known images seen in new namespaces that learned-images has "
+                           "no room to list (PREWARM_MAX_BYTES; first: %s)",
+                           len(result.unlisted), result.unlisted[0])
         return result
 
     def _drop_known(self, pending: dict[str, Observation],
                     now: float) -> dict[str, Observation]:
         """Leaves out what needs no write: images the last read already records (with
-        these namespaces and a fresh lastSeen) and images a cap refused moments ago."""
+        these namespaces and a fresh lastSeen) and images a cap refused (or could not
+        list in a new namespace) moments ago."""
         fresh = self._snapshot is not None and now - self._snapshot_at < SNAPSHOT_MAX_AGE
         if not fresh:
             self._refused_until.clear()

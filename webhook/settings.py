@@ -106,9 +106,11 @@ FIELDS: tuple[Field, ...] = (
     Field("max_images", "5000", int, "cap on images in learned-images", ALL),
     Field("max_images_per_namespace", "500", int, "cap on images first learned from one "
           "namespace", ALL),
-    Field("max_bytes", str(800 * 1024), int, "cap on the ConfigMap's data size; the API "
-          "server refuses objects over 1 MiB", ALL),
-    Field("image_ttl", "30d", parse_duration, "images not seen for this long expire", ALL),
+    Field("max_bytes", str(800 * 1024), int, "cap on the ConfigMap's data size from images "
+          "and their namespaces, at most 921600; the API server refuses objects over 1 MiB "
+          "and the reconciler's state fields use the rest", ALL),
+    Field("image_ttl", "30d", parse_duration, "images not seen for this long expire; longer "
+          "than last_seen_refresh + resync_period", ALL),
     Field("allow", "", parse_list, "if set, only images under these registries/repositories "
           "are learned (comma-separated; matched on whole path segments, '*' matches one "
           "segment), e.g. 'ghcr.io/acme,docker.io/library'", ALL),
@@ -250,6 +252,12 @@ def load(args: argparse.Namespace | None = None,
     return settings
 
 
+# PREWARM_MAX_BYTES at most 900 KiB: at the cap, every image going to `failing` (a
+# registry outage) adds a state and a retryAt to each record, some 55 bytes on ~200, and
+# the whole must stay under the API server's 1 MiB (see store.DATA_LIMIT).
+MAX_BYTES_CEILING = 900 * 1024
+
+
 def _validate(settings: Settings) -> None:
     if settings.log_format not in ("text", "json"):
         raise SettingsError(f"PREWARM_LOG_FORMAT={settings.log_format!r}: use text or json")
@@ -260,6 +268,16 @@ def _validate(settings: Settings) -> None:
     for name in ("flush_interval", "resync_period", "status_interval", "lease_duration"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"PREWARM_{name.upper()} must be more than 0")
+    if settings.max_bytes > MAX_BYTES_CEILING:
+        raise SettingsError(
+            f"PREWARM_MAX_BYTES must be at most {MAX_BYTES_CEILING}: the API server refuses a "
+            f"ConfigMap over 1 MiB, and the reconciler's fields need the rest")
+    if settings.image_ttl <= settings.last_seen_refresh + settings.resync_period:
+        raise SettingsError(
+            f"PREWARM_IMAGE_TTL ({settings.image_ttl:g}s) must be longer than "
+            f"PREWARM_LAST_SEEN_REFRESH + PREWARM_RESYNC_PERIOD "
+            f"({settings.last_seen_refresh + settings.resync_period:g}s): an image in use "
+            f"would otherwise expire between two refreshes of its lastSeen")
     from webhook.images import ImageFilter
 
     try:

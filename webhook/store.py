@@ -41,6 +41,12 @@ KEY_HASH_LENGTH = 16
 LABELS = {"app.kubernetes.io/name": "prewarm", "app.kubernetes.io/managed-by": "prewarm",
           "app.kubernetes.io/component": "learned-images"}
 REQUEST_TIMEOUT = (3, 10)  # connect, read: a writer never hangs on a dead API server
+# The API server refuses a ConfigMap whose keys and values add up to more than 1 MiB
+# (1,048,576 bytes); a write is kept under this, with a margin. PREWARM_MAX_BYTES caps what
+# the observer and backfill add well below it: the rest is room for the reconciler's
+# fields (shard, warmNodes, a failing state and its retryAt), which grow records it has
+# already admitted.
+DATA_LIMIT = 1_000_000
 
 
 def rfc3339(timestamp: float) -> str:
@@ -121,6 +127,27 @@ class LearnedSet:
         return sum(len(k) + len(v) for k, v in self.unparsed.items()) + sum(
             len(k) + len(r.to_json()) for k, r in self.records.items())
 
+    def fit(self, limit: int) -> int:
+        """Brings the encoded size under `limit` without dropping an image: the records
+        listing the most namespaces keep only the first (the one the image is charged
+        to; the list only orders the pull and informs). Returns how many records were
+        cut; raises StoreUnavailable if even that is not enough."""
+        size = self.size()
+        cut = 0
+        for record in sorted(self.records.values(), key=lambda r: -len(r.namespaces)):
+            if size <= limit or len(record.namespaces) <= 1:
+                break
+            before = len(record.to_json())
+            del record.namespaces[1:]
+            size -= before - len(record.to_json())
+            cut += 1
+        if size > limit:
+            raise StoreUnavailable(
+                f"learned-images would hold {size} bytes, over the {limit} a ConfigMap can "
+                f"take even with one namespace per image: lower PREWARM_MAX_BYTES or "
+                f"PREWARM_MAX_IMAGES, or delete images from it")
+        return cut
+
     def get(self, image: str) -> Record | None:
         return self.records.get(key_for(image))
 
@@ -156,6 +183,9 @@ class MergeResult:
     changed: bool = False
     added: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+    # known images seen in namespaces their record could not list (byte cap): recorded,
+    # and nothing lost but the listing
+    unlisted: list[str] = field(default_factory=list)
 
 
 def needs_write(record: Record | None, seen: Observation, *, refresh: float) -> bool:
@@ -191,10 +221,17 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
             if not needs_write(record, seen, refresh=settings.last_seen_refresh):
                 continue
             before = record.to_json()
+            listed = len(record.namespaces)
             for namespace in sorted(seen.namespaces):
                 if (namespace not in record.namespaces
                         and len(record.namespaces) < MAX_NAMESPACES_PER_IMAGE):
                     record.namespaces.append(namespace)
+            if len(record.namespaces) > listed and \
+                    size + len(record.to_json()) - len(before) > settings.max_bytes:
+                # the byte cap holds for growth too: the image stays, its new namespaces
+                # are not listed (see MergeResult.unlisted)
+                del record.namespaces[listed:]
+                result.unlisted.append(image)
             if seen.last and (not record.last_seen or seen.last > _safe_time(record.last_seen)):
                 record.last_seen = rfc3339(seen.last)
             after = record.to_json()
@@ -321,6 +358,11 @@ class LearnedImagesStore:
             before = current.learned.encode()
             if not mutate(current.learned):
                 return current
+            cut = current.learned.fit(DATA_LIMIT)
+            if cut:
+                logger.error("learned-images would be over %d bytes: %d images now list only "
+                             "their first namespace (PREWARM_MAX_BYTES leaves too little room "
+                             "for the reconciler's fields)", DATA_LIMIT, cut)
             patch = merge_patch(before, current.learned.encode(), current.resource_version)
             if not patch["data"]:
                 return current

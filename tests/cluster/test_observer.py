@@ -336,6 +336,56 @@ def test_eight_concurrent_writers_lose_no_image(cluster, core):
     core.delete_namespace(namespace)
 
 
+def test_a_write_that_would_pass_one_mebibyte_still_lands_and_keeps_every_image(cluster, core):
+    """Learned up to the byte cap with images used in many namespaces, then every image
+    failing at once (a registry outage: the reconciler adds a state and a retryAt to each
+    record). The API server refuses a ConfigMap over 1 MiB, which would stop every writer
+    for good; the store lists fewer namespaces instead, and keeps every image."""
+    from webhook.store import DATA_LIMIT
+
+    namespace = new_namespace_name("full")
+    core.create_namespace({"metadata": {"name": namespace}})
+    try:
+        settings = Settings(namespace=namespace, max_images_per_namespace=10_000,
+                            max_bytes=900 * 1024)
+        store = LearnedImagesStore(core, namespace=namespace, name="learned-images")
+        now = time.time()
+        observed = {}
+        for index in range(4000):  # more than the cap takes
+            seen = Observation()
+            for team in range(8):
+                seen.add(f"team-{team:02d}", now)
+            observed[f"registry.example.com/platform/service-{index:05d}:v1"] = seen
+        store.update(lambda learned: merge(learned, observed, source="admission",
+                                           settings=settings).changed)
+        images = set(learned_images(core, namespace))
+        assert len(images) > 2500
+
+        def outage(learned) -> bool:
+            for record in learned.records.values():
+                record.state = "failing: ImagePullBackOff"
+                record.extra.update(retryAt="2026-11-22T10:30:00Z", shard=12, warmNodes=0)
+            return True
+
+        grown = store.read().learned
+        outage(grown)
+        encoded = grown.encode()
+        assert sum(len(k) + len(v) for k, v in encoded.items()) > 1024 * 1024
+        with pytest.raises(client.ApiException) as refused:  # what the store must avoid
+            core.patch_namespaced_config_map("learned-images", namespace, {"data": encoded})
+        assert refused.value.status == 422
+
+        store.update(outage)
+        learned = learned_images(core, namespace)
+        assert set(learned) == images
+        assert all(r["state"] == "failing: ImagePullBackOff" and r["namespaces"]
+                   for r in learned.values())
+        data = core.read_namespaced_config_map("learned-images", namespace).data
+        assert sum(len(k) + len(v) for k, v in data.items()) <= DATA_LIMIT
+    finally:
+        core.delete_namespace(namespace)
+
+
 def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core, tmp_path):
     release_ns = new_namespace_name("killed")
     target = new_namespace_name("learn")

@@ -9,7 +9,8 @@ import pytest
 from webhook.observer import MAX_BACKOFF, ImageBuffer, backoff
 from webhook.settings import Settings
 from webhook.store import (MAX_NAMESPACES_PER_IMAGE, LearnedSet, Observation, Record,
-                           expire, merge, merge_patch, needs_write, parse_time, rfc3339)
+                           StoreUnavailable, expire, merge, merge_patch, needs_write,
+                           parse_time, rfc3339)
 
 T0 = parse_time("2026-11-21T10:00:00Z")
 
@@ -88,6 +89,46 @@ def test_byte_cap_keeps_the_configmap_under_budget():
                              for i in range(500)}, source="admission", settings=settings)
     assert learned.size() <= 20_000
     assert result.refused and all("size cap" in reason for _, reason in result.refused)
+
+
+def test_the_byte_cap_holds_when_known_images_are_seen_in_new_namespaces():
+    """Records grow too: 4,000 images filling the default cap, then each seen in 19 more
+    namespaces, would more than double the set (past the API server's 1 MiB, after which
+    no write succeeds). Their lastSeen still moves; the namespaces past the cap are not
+    listed, and no image is lost."""
+    learned = LearnedSet()
+    settings = Settings(max_images_per_namespace=10_000)
+    images = [f"registry.example.com/team/app-{i:05d}:v1" for i in range(5000)]
+    merge(learned, {image: seen("ns") for image in images}, source="admission",
+          settings=settings)
+    kept = {r.image for r in learned.records.values()}
+    assert len(kept) > 3000 and learned.size() <= settings.max_bytes
+    later = T0 + 7 * 3600
+    result = merge(learned, {image: seen(*(f"team-{n:02d}" for n in range(19)), at=later)
+                             for image in kept}, source="admission", settings=settings)
+    assert learned.size() <= settings.max_bytes
+    assert {r.image for r in learned.records.values()} == kept
+    assert all(r.last_seen == rfc3339(later) for r in learned.records.values())
+    assert result.unlisted and set(result.unlisted) <= kept and not result.refused
+
+
+def test_fit_brings_a_grown_set_under_the_limit_by_listing_fewer_namespaces():
+    learned = LearnedSet()
+    merge(learned, {f"a.io/x{i}:1": seen(*(f"ns-{n:02d}" for n in range(10)))
+                    for i in range(100)}, source="admission",
+          settings=Settings(max_images_per_namespace=1000))
+    for record in learned.records.values():  # what the reconciler adds to a failing image
+        record.state = "failing: ImagePullBackOff"
+        record.extra.update(retryAt="2026-11-21T10:30:00Z", shard=0)
+    size = learned.size()
+    limit = size * 85 // 100  # some records must give up their other nine namespaces
+    cut = learned.fit(limit)
+    assert 0 < cut < 100 and learned.size() <= limit
+    assert len(learned.records) == 100
+    assert all(r.namespaces and r.namespaces[0] == "ns-00" for r in learned.records.values())
+    assert learned.fit(learned.size()) == 0  # nothing to do when it fits
+    with pytest.raises(StoreUnavailable, match="lower PREWARM_MAX_BYTES"):
+        learned.fit(1000)
 
 
 def test_default_caps_hold_4000_images_under_one_mebibyte():
