@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,15 @@ def container_name(image: str) -> str:
 
 def shard_name(settings: Settings, shard: int) -> str:
     return settings.daemonset if shard == 0 else f"{settings.daemonset}-{shard}"
+
+
+def is_own_shard(name: str, settings: Settings) -> bool:
+    """Whether a DaemonSet name is one of this reconciler's shards (`<daemonset>` or
+    `<daemonset>-<n>`): another release in the same namespace has shards of its own,
+    which this one must neither delete nor count."""
+    base, _, number = name.rpartition("-")
+    return name == settings.daemonset or (
+        base == settings.daemonset and re.fullmatch(r"[1-9][0-9]*", number) is not None)
 
 
 def selector_labels(name: str) -> dict[str, str]:

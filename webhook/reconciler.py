@@ -36,7 +36,7 @@ from webhook.kube import api_client, list_items
 from webhook.podcache import PodImages, learnable
 from webhook.settings import Settings
 from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
-                           expire, merge, rfc3339)
+                           expire, merge, rfc3339, stamp_last_seen)
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +109,19 @@ class Reconciler:
         return observed
 
     def prepuller_pods(self) -> list[dict[str, Any]]:
-        return list(list_items(
+        return [pod for pod in list_items(
             self.core.list_namespaced_pod, self.settings.namespace,
             label_selector=f"app.kubernetes.io/name=prewarm,"
-                           f"app.kubernetes.io/component={daemonset.COMPONENT}"))
+                           f"app.kubernetes.io/component={daemonset.COMPONENT}")
+            if daemonset.is_own_shard(((pod.get("metadata") or {}).get("labels") or {}).get(
+                daemonset.DAEMONSET_LABEL, ""), self.settings)]
 
     def live_daemonsets(self) -> dict[str, dict[str, Any]]:
+        """This release's shards only (see daemonset.is_own_shard)."""
         return {ds["metadata"]["name"]: ds for ds in list_items(
             self.apps.list_namespaced_daemon_set, self.settings.namespace,
-            label_selector=f"app.kubernetes.io/component={daemonset.COMPONENT}")}
+            label_selector=f"app.kubernetes.io/component={daemonset.COMPONENT}")
+            if daemonset.is_own_shard(ds["metadata"]["name"], self.settings)}
 
     # -- one pass ---------------------------------------------------------------------
     def reconcile_once(self, *, backfill: bool | None = None) -> PassResult:
@@ -132,6 +136,7 @@ class Reconciler:
         prepuller_pods = self.prepuller_pods()
 
         def prepare(learned: LearnedSet) -> bool:
+            self._check_leader()  # again on every retry after a conflict
             containers = {daemonset.container_name(r.image): r.image
                           for r in learned.records.values()}
             pull_failures = failed_pulls(prepuller_pods, containers)
@@ -139,6 +144,7 @@ class Reconciler:
             merged = merge(learned, observed, source="backfill", settings=self.settings)
             result.backfilled = merged.added
             changed |= merged.changed
+            changed |= bool(stamp_last_seen(learned, now=now))
             result.expired = expire(learned, now=now, ttl=self.settings.image_ttl)
             changed |= bool(result.expired)
             by_image = learned.by_image()
@@ -198,6 +204,7 @@ class Reconciler:
             if current is not None and owned_equal(current, manifest):
                 outcomes[name] = "unchanged"
                 continue
+            self._check_leader()  # before each write: a pass can outlast the lease
             self.apps.patch_namespaced_daemon_set(
                 name, self.settings.namespace, manifest, field_manager=FIELD_MANAGER,
                 force=True, _content_type="application/apply-patch+yaml",
@@ -211,6 +218,7 @@ class Reconciler:
             if not daemonset.MANAGED_BY.items() <= labels.items() or \
                     name == self.settings.daemonset:
                 continue
+            self._check_leader()
             self.apps.delete_namespaced_daemon_set(name, self.settings.namespace,
                                                    _request_timeout=TIMEOUT)
             metrics.API_WRITES.labels("reconciler").inc()

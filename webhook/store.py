@@ -80,6 +80,18 @@ class Record:
         doc.update(self.extra)
         return json.dumps(doc, separators=(",", ":"))
 
+    def combine(self, other: Record) -> None:
+        """Takes in another record of the same image: namespaces (up to the cap), the
+        earlier firstSeen, the later lastSeen; this record's state and fields win."""
+        for namespace in other.namespaces:
+            if namespace not in self.namespaces and \
+                    len(self.namespaces) < MAX_NAMESPACES_PER_IMAGE:
+                self.namespaces.append(namespace)
+        firsts = [t for t in (self.first_seen, other.first_seen) if _safe_time(t)]
+        self.first_seen = min(firsts, key=_safe_time) if firsts else self.first_seen
+        lasts = [t for t in (self.last_seen, other.last_seen) if _safe_time(t)]
+        self.last_seen = max(lasts, key=_safe_time) if lasts else self.last_seen
+
     @classmethod
     def from_json(cls, text: str) -> Record:
         doc = json.loads(text)
@@ -105,17 +117,37 @@ class LearnedSet:
 
     records: dict[str, Record] = field(default_factory=dict)
     unparsed: dict[str, str] = field(default_factory=dict)
+    raw: dict[str, str] = field(default_factory=dict)  # the data as read, for patches
 
     @classmethod
     def decode(cls, data: Mapping[str, str] | None) -> LearnedSet:
-        learned = cls()
+        """Records keyed by the hash of their normalized image. A record added by hand
+        under another key or with another spelling of the image is moved to its key (and
+        combined with the record already there) on the next write; one whose image is
+        not a valid reference is kept verbatim with what cannot be parsed."""
+        learned = cls(raw=dict(data or {}))
+        elsewhere: list[tuple[str, Record]] = []
         for key, value in (data or {}).items():
             try:
-                learned.records[key] = Record.from_json(value)
-            except (ValueError, TypeError) as error:
+                record = Record.from_json(value)
+                record.image = images.normalize(record.image)
+            except (ValueError, TypeError) as error:  # InvalidReference is a ValueError
                 logger.warning("learned-images key %s is not a valid record (%s); kept as is",
                                key, error)
                 learned.unparsed[key] = value
+                continue
+            if key == key_for(record.image):
+                learned.records[key] = record
+            else:
+                elsewhere.append((key, record))
+        for key, record in elsewhere:
+            canonical = key_for(record.image)
+            logger.info("learned-images key %s holds %s: moved to its key %s", key,
+                        record.image, canonical)
+            if canonical in learned.records:
+                learned.records[canonical].combine(record)
+            else:
+                learned.records[canonical] = record
         return learned
 
     def encode(self) -> dict[str, str]:
@@ -280,12 +312,27 @@ def _safe_time(text: str) -> float:
 
 def expire(learned: LearnedSet, *, now: float, ttl: float,
            keep_sources: Iterable[str] = ("static",)) -> list[str]:
-    """Removes images not seen for `ttl` seconds (static entries never expire)."""
+    """Removes images not seen for `ttl` seconds (static entries never expire). A record
+    without a readable lastSeen (added by hand) is not expired: see stamp_last_seen."""
     keep = set(keep_sources)
     gone = [key for key, record in learned.records.items()
-            if record.source not in keep and now - _safe_time(record.last_seen) > ttl]
+            if record.source not in keep and _safe_time(record.last_seen)
+            and now - _safe_time(record.last_seen) > ttl]
     removed = [learned.records.pop(key).image for key in gone]
     return removed
+
+
+def stamp_last_seen(learned: LearnedSet, *, now: float) -> list[str]:
+    """Gives records without a readable lastSeen (or firstSeen) the time `now`, so that
+    their TTL starts counting instead of expiring them at once. Returns their images."""
+    stamped = []
+    for record in learned.records.values():
+        if not _safe_time(record.last_seen) or not _safe_time(record.first_seen):
+            record.last_seen = record.last_seen if _safe_time(record.last_seen) else rfc3339(now)
+            record.first_seen = record.first_seen if _safe_time(record.first_seen) \
+                else record.last_seen
+            stamped.append(record.image)
+    return stamped
 
 
 class StoreUnavailable(RuntimeError):
@@ -355,7 +402,7 @@ class LearnedImagesStore:
         for _ in range(attempts):
             if current is None:
                 current = self.read()
-            before = current.learned.encode()
+            before = current.learned.raw
             if not mutate(current.learned):
                 return current
             cut = current.learned.fit(DATA_LIMIT)

@@ -13,9 +13,9 @@ from kubernetes import client
 from tests.support import (NODES, Process, eventually, learned_images, new_namespace_name,
                            python_env, python_module)
 from webhook import daemonset
-from webhook.reconciler import LeaseElector, Reconciler
+from webhook.reconciler import LeaseElector, NotLeader, Reconciler
 from webhook.settings import Settings
-from webhook.store import LearnedImagesStore, Observation, merge
+from webhook.store import LearnedImagesStore, Observation, key_for, merge
 
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
               "pod-security.kubernetes.io/enforce-version": "latest"}
@@ -115,6 +115,72 @@ def test_adding_one_image_to_300_changes_only_one_shard(cluster, core, apps, pre
     for ds in apps.list_namespaced_daemon_set(prewarm_ns).items:
         if ds.metadata.name in generations:
             assert ds.metadata.generation == generations[ds.metadata.name], ds.metadata.name
+
+
+def test_two_releases_in_one_namespace_leave_each_others_shards_alone(
+        cluster, core, apps, prewarm_ns):
+    team_a = settings_for(prewarm_ns, daemonset="team-a-images", configmap="team-a-learned",
+                          shard_size=1)
+    team_b = settings_for(prewarm_ns, daemonset="team-b-images", configmap="team-b-learned",
+                          shard_size=1)
+    learn(cluster, prewarm_ns, ["a.example.com/one:1", "a.example.com/two:1"], team_a)
+    learn(cluster, prewarm_ns, ["b.example.com/one:1", "b.example.com/two:1"], team_b)
+    a = Reconciler(team_a, cluster.api_client())
+    b = Reconciler(team_b, cluster.api_client())
+    assert b.reconcile_once().daemonsets == {"team-b-images": "created",
+                                             "team-b-images-1": "created"}
+    # before: team-a's pass deleted team-b-images-1 as an emptied shard of its own
+    assert a.reconcile_once().daemonsets == {"team-a-images": "created",
+                                             "team-a-images-1": "created"}
+    assert b.reconcile_once().daemonsets == {"team-b-images": "unchanged",
+                                             "team-b-images-1": "unchanged"}
+    assert {ds.metadata.name for ds in apps.list_namespaced_daemon_set(prewarm_ns).items} == {
+        "team-a-images", "team-a-images-1", "team-b-images", "team-b-images-1"}
+
+
+def test_an_image_pinned_by_hand_under_its_own_key_is_pulled_once(cluster, core, apps,
+                                                                  prewarm_ns):
+    """An operator adds a record with kubectl under a key of their choosing, for an image
+    the observer has learned too: one pull container, not two with the same name (which
+    the API server would refuse, failing every pass), and the record moves to its key."""
+    settings = settings_for(prewarm_ns)
+    learn(cluster, prewarm_ns, ["docker.io/library/nginx:1.27"], settings)
+    core.patch_namespaced_config_map(settings.configmap, prewarm_ns, {"data": {
+        "pinned-nginx": json.dumps({"image": "nginx:1.27", "namespaces": ["ops"]}),
+        "pinned-tool": json.dumps({"image": "ghcr.io/acme/tool:2"})}})
+    result = Reconciler(settings, cluster.api_client()).reconcile_once()
+    assert result.daemonsets == {"prewarm-images": "created"} and not result.expired
+    live = apps.read_namespaced_daemon_set("prewarm-images", prewarm_ns)
+    pulls = [c.image for c in live.spec.template.spec.init_containers
+             if c.name.startswith("pull-")]
+    assert sorted(pulls) == ["docker.io/library/nginx:1.27", "ghcr.io/acme/tool:2"]
+    data = core.read_namespaced_config_map(settings.configmap, prewarm_ns).data
+    assert set(data) == {key_for("docker.io/library/nginx:1.27"), key_for("ghcr.io/acme/tool:2")}
+    assert json.loads(data[key_for("docker.io/library/nginx:1.27")])["namespaces"] == [
+        "team", "ops"]
+    assert json.loads(data[key_for("ghcr.io/acme/tool:2")])["lastSeen"]  # its TTL starts
+
+
+def test_a_leader_that_loses_its_lease_mid_pass_writes_no_further_daemonset(
+        cluster, core, apps, prewarm_ns):
+    settings = settings_for(prewarm_ns, shard_size=1)
+    learn(cluster, prewarm_ns, ["a.example.com/one:1", "a.example.com/two:1"], settings)
+    reconciler = Reconciler(settings, cluster.api_client())
+    lapsed = []
+    patch = reconciler.apps.patch_namespaced_daemon_set
+
+    def patch_then_lose_the_lease(*args, **kwargs):  # the real call, then the lease lapses
+        answer = patch(*args, **kwargs)
+        lapsed.append(args[0])
+        return answer
+
+    reconciler.apps.patch_namespaced_daemon_set = patch_then_lose_the_lease
+    reconciler.may_write = lambda: not lapsed
+    with pytest.raises(NotLeader):
+        reconciler.reconcile_once()
+    assert len(lapsed) == 1
+    assert [ds.metadata.name for ds in apps.list_namespaced_daemon_set(prewarm_ns).items] == \
+        lapsed
 
 
 def test_pods_that_existed_before_the_reconciler_are_backfilled(cluster, core, prewarm_ns,

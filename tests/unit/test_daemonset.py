@@ -171,3 +171,12 @@ def test_scheduling_settings_reach_the_pod_template():
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["nodeSelector"] == {"pool": "gpu"} and spec["affinity"] == {"nodeAffinity": {}}
     assert manifest["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 3
+
+
+def test_only_its_own_shards_belong_to_a_reconciler():
+    settings = Settings(daemonset="team-a-images")
+    own = ["team-a-images", "team-a-images-1", "team-a-images-12"]
+    others = ["team-b-images", "team-b-images-1", "team-a-images-", "team-a-images-01",
+              "team-a-images-x", "team-a-images-1-2", "team-a", "prewarm-images"]
+    assert [daemonset.is_own_shard(n, settings) for n in own] == [True] * len(own)
+    assert [daemonset.is_own_shard(n, settings) for n in others] == [False] * len(others)

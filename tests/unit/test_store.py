@@ -9,7 +9,7 @@ import pytest
 from webhook.observer import MAX_BACKOFF, ImageBuffer, backoff
 from webhook.settings import Settings
 from webhook.store import (MAX_NAMESPACES_PER_IMAGE, LearnedSet, Observation, Record,
-                           StoreUnavailable, expire, merge, merge_patch, needs_write,
+                           StoreUnavailable, expire, key_for, merge, merge_patch, needs_write,
                            parse_time, rfc3339)
 
 T0 = parse_time("2026-11-21T10:00:00Z")
@@ -225,3 +225,39 @@ def test_an_observation_keeps_the_earliest_and_latest_time_whatever_the_order():
         observation.add(namespace, at)
     assert (observation.first, observation.last) == (T0, T0 + 9)
     assert observation.namespaces == {"a", "b"}
+
+
+def test_a_record_added_by_hand_is_moved_to_its_key_and_combined_not_duplicated():
+    """An operator pins an image by adding a record under a key of their own, in a
+    familiar spelling, while the observer already has the same image: one record comes
+    out, under the hash of the normalized image, and the next write removes the odd key."""
+    canonical = "docker.io/library/nginx:1.27"
+    known = Record(image=canonical, namespaces=["team-a"], first_seen="2026-11-20T10:00:00Z",
+                   last_seen="2026-11-21T10:00:00Z", source="admission", state="warm")
+    data = {key_for(canonical): known.to_json(),
+            "pinned-nginx": json.dumps({"image": "nginx:1.27", "namespaces": ["ops"],
+                                        "firstSeen": "2026-11-01T00:00:00Z"}),
+            "pinned-bad": json.dumps({"image": "Not/A:Valid:Ref"})}
+    learned = LearnedSet.decode(data)
+    assert list(learned.records) == [key_for(canonical)]
+    record = learned.records[key_for(canonical)]
+    assert record.image == canonical and record.state == "warm"
+    assert record.namespaces == ["team-a", "ops"]
+    assert record.first_seen == "2026-11-01T00:00:00Z"
+    assert record.last_seen == "2026-11-21T10:00:00Z"
+    assert learned.unparsed == {"pinned-bad": data["pinned-bad"]}  # kept, never used
+    patch = merge_patch(learned.raw, learned.encode(), "7")["data"]
+    assert patch == {"pinned-nginx": None, key_for(canonical): record.to_json()}
+
+
+def test_a_record_without_times_starts_its_ttl_instead_of_expiring_at_once():
+    from webhook.store import stamp_last_seen
+
+    learned = LearnedSet.decode({"pinned": json.dumps({"image": "ghcr.io/acme/tool:1"})})
+    assert expire(learned, now=T0, ttl=3600) == []
+    assert stamp_last_seen(learned, now=T0) == ["ghcr.io/acme/tool:1"]
+    (record,) = learned.records.values()
+    assert record.last_seen == record.first_seen == rfc3339(T0)
+    assert stamp_last_seen(learned, now=T0 + 60) == []
+    assert expire(learned, now=T0 + 3599, ttl=3600) == []
+    assert expire(learned, now=T0 + 3601, ttl=3600) == ["ghcr.io/acme/tool:1"]
