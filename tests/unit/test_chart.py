@@ -137,6 +137,9 @@ def test_lint_strict_is_clean(extra: tuple[str, ...]) -> None:
     ("webhook.failurePolicy=Maybe", "failurePolicy"),
     ("learning.maxImages=0", "maxImages"),
     ("prepuller.resyncPeriod=soon", "resyncPeriod"),
+    ("observer.serviceAccount.name=Bad_Name!ok", "name"),
+    ("reconciler.serviceAccount.name=x/ok", "name"),
+    ("prepuller.maxUnavailable=0%", "maxUnavailable"),
 ])
 def test_schema_rejects_bad_values_naming_them(setting: str, named: str) -> None:
     for command in ("lint", "template"):
