@@ -13,7 +13,7 @@ from kubernetes import client
 
 from hack.controlplane import cert_manager_crds, find_binary
 from tests.support import (CHART, chart_object, eventually, helm_template, learned_images,
-                           new_namespace_name)
+                           new_namespace_name, python_env, python_module)
 from webhook import settings as prewarm_settings
 from webhook.reconciler import Reconciler
 from webhook.store import LearnedImagesStore, Observation, merge
@@ -163,6 +163,55 @@ def test_chart_identities_can_do_their_job_and_nothing_else(cluster, core, crds)
         refused(lambda: reconciler.patch_namespaced_config_map("other-config", namespace, patch))
         refused(lambda: reconciler.delete_namespaced_pod("anything", namespace))
         refused(lambda: client.AppsV1Api(api).list_deployment_for_all_namespaces())
+    finally:
+        cleanup(cluster, core, namespace, docs)
+
+
+def test_the_certificate_job_as_its_own_identity_writes_the_secret_and_the_ca_bundle(
+        cluster, core, crds):
+    """What the post-install Job runs (`python -m certs secret` with the chart's arguments),
+    under the Job's ServiceAccount and RBAC: the Secret is created, both webhook
+    configurations get its CA, and running it again (every upgrade does) changes
+    nothing."""
+    import base64
+
+    namespace, docs = install(cluster, core, "job", "pw-certs")
+    try:
+        job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["annotations"][
+            "helm.sh/hook"].startswith("post-install"))
+        spec = job["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        kubeconfig = cluster.kubeconfig_for_service_account(namespace,
+                                                            spec["serviceAccountName"])
+        args = container["args"]
+        secret = args[args.index("--name") + 1]
+        validating = args[args.index("--validating-webhook") + 1]
+        mutating = args[args.index("--mutating-webhook") + 1]
+
+        def run() -> str:
+            result = subprocess.run(
+                python_module(*container["command"][2:], *args, "--kubeconfig", str(kubeconfig)),
+                env=python_env(), capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+
+        first = run()
+        assert f"secret {namespace}/{secret}: created" in first
+        assert f"validatingwebhookconfiguration {validating}: caBundle updated" in first
+        assert f"mutatingwebhookconfiguration {mutating}: caBundle updated" in first
+        stored = core.read_namespaced_secret(secret, namespace)
+        ca = base64.b64decode(stored.data["ca.crt"])
+        admission = client.AdmissionregistrationV1Api(cluster.api_client())
+        for config in (admission.read_validating_webhook_configuration(validating),
+                       admission.read_mutating_webhook_configuration(mutating)):
+            assert [base64.b64decode(w.client_config.ca_bundle) for w in config.webhooks] == [
+                ca] * len(config.webhooks)
+
+        second = run()
+        assert f"secret {namespace}/{secret}: reused" in second
+        assert "caBundle unchanged" in second and "caBundle updated" not in second
+        assert core.read_namespaced_secret(secret, namespace).metadata.resource_version == \
+            stored.metadata.resource_version
     finally:
         cleanup(cluster, core, namespace, docs)
 
