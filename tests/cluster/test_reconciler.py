@@ -363,13 +363,38 @@ def test_backfill_from_the_watched_pod_cache_follows_pods_without_relisting(
 
         reconciler = Reconciler(settings_for(prewarm_ns, backfill=True), cluster.api_client())
         reconciler.pod_images = cache
+        lists = pod_lists(cluster)
         assert "cache.example.com/late:1" in reconciler.reconcile_once().backfilled
+        with_cache = pod_lists(cluster) - lists
+        # the API server's own count of pod LISTs: a pass from the cache lists no more
+        # pods than one without backfill (its own prepuller pods), where backfill by
+        # listing lists every opted-in namespace's
+        lists = pod_lists(cluster)
+        reconciler.reconcile_once(backfill=False)
+        without = pod_lists(cluster) - lists
+        reconciler.pod_images = None
+        lists = pod_lists(cluster)
+        reconciler.reconcile_once()
+        by_listing = pod_lists(cluster) - lists
+        assert with_cache == without < by_listing, (with_cache, without, by_listing)
 
         core.delete_namespaced_pod("late", team, grace_period_seconds=0)
         eventually("the deleted pod gone from the cache", lambda: "cache.example.com/late:1"
                    not in cache.observations({team}, 0.0), timeout=30)
     finally:
         stop.set()
+
+
+def pod_lists(cluster) -> float:
+    """LIST requests for pods the API server has served, from its /metrics."""
+    from hack.controlplane import find_binary
+
+    text = subprocess.run([str(find_binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig),
+                           "get", "--raw", "/metrics"], capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("apiserver_request_total{") and 'resource="pods"' in line
+               and 'verb="LIST"' in line)
 
 
 def test_a_stopped_leader_releases_its_lease(cluster, prewarm_ns, tmp_path):
