@@ -398,11 +398,13 @@ def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core
         name, config = register_chart_webhook(cluster, observer, release_ns)
         probe = Setup(cluster, core, release_ns, observer, target, "", name)
         eventually("webhook active", lambda: _try_sentinel(probe), timeout=60, interval=1)
+        failed_open = fail_open_count(cluster)
         observer.process.stop(sig=9)
         started = time.monotonic()
         created = core.create_namespaced_pod(target, pod("after-kill", "nginx:1.27"))
         elapsed = time.monotonic() - started
         assert created.metadata.name == "after-kill"
+        assert fail_open_count(cluster) > failed_open  # the webhook was called, and failed
         timeout = config["webhooks"][0]["timeoutSeconds"]
         assert timeout <= 5 and elapsed < timeout + 3
     finally:
@@ -410,6 +412,54 @@ def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core
         observer.stop()
         core.delete_namespace(release_ns)
         core.delete_namespace(target)
+
+
+def test_pods_are_still_created_when_the_webhook_hangs(cluster, core, tmp_path):
+    """A webhook that accepts connections but never answers (stopped, not dead: a node
+    under memory pressure, a stuck process) costs each admission the configuration's
+    timeoutSeconds, after which failurePolicy Ignore lets the pod through."""
+    import os
+    import signal
+
+    release_ns = new_namespace_name("hung")
+    target = new_namespace_name("learn")
+    core.create_namespace({"metadata": {"name": release_ns}})
+    core.create_namespace({"metadata": {"name": target, "labels": LEARN}})
+    observer = Observer(cluster, release_ns, tmp_path)
+    name = f"{release_ns}-observe"
+    try:
+        name, config = register_chart_webhook(cluster, observer, release_ns)
+        probe = Setup(cluster, core, release_ns, observer, target, "", name)
+        eventually("webhook active", lambda: _try_sentinel(probe), timeout=60, interval=1)
+        failed_open = fail_open_count(cluster)
+        os.killpg(observer.process.popen.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            created = core.create_namespaced_pod(target, pod("while-hung", "nginx:1.27"))
+            elapsed = time.monotonic() - started
+        finally:
+            os.killpg(observer.process.popen.pid, signal.SIGCONT)
+        assert created.metadata.name == "while-hung"
+        # the API server waited out the timeout, then let the pod through (fail open)
+        timeout = config["webhooks"][0]["timeoutSeconds"]
+        assert timeout <= 5 and elapsed >= timeout
+        assert fail_open_count(cluster) > failed_open
+    finally:
+        unregister_webhook(cluster, name)
+        observer.stop()
+        core.delete_namespace(release_ns)
+        core.delete_namespace(target)
+
+
+def fail_open_count(cluster) -> float:
+    """How often the API server let a request through a failing webhook (failurePolicy
+    Ignore), from its /metrics."""
+    text = subprocess.run([str(find_binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig),
+                           "get", "--raw", "/metrics"], capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("apiserver_admission_webhook_fail_open_count{")
+               and 'name="observe.prewarm.io"' in line)
 
 
 def test_images_buffered_while_the_api_server_is_down_are_written_when_it_returns(
