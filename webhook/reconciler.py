@@ -230,9 +230,14 @@ class Reconciler:
 def apply_warm_states(learned: LearnedSet, settings: Settings, live: dict[str, dict[str, Any]],
                       pods: list[dict[str, Any]], containers: dict[str, str]) -> bool:
     """warm / pending (+ warmNodes) from the prepuller pods' init statuses: an image is
-    warm when its pull finished on as many nodes as its DaemonSet schedules to."""
+    warm when its pull finished on as many nodes as its DaemonSet schedules to.
+
+    While its DaemonSet rolls out (an image added to or removed from the shard), a warm
+    image stays warm: the replaced pods' nodes still hold it, though their new pods have
+    not got to its pull container yet."""
     scheduled = {name: (ds.get("status") or {}).get("desiredNumberScheduled", 0)
                  for name, ds in live.items()}
+    rolling = {name for name, ds in live.items() if _rolling_out(ds)}
     in_live: dict[str, str] = {}
     for name, ds in live.items():
         for container in ds["spec"]["template"]["spec"].get("initContainers") or []:
@@ -250,6 +255,8 @@ def apply_warm_states(learned: LearnedSet, settings: Settings, live: dict[str, d
     for record in learned.records.values():
         if record.state.startswith("failing"):
             continue
+        if record.state == "warm" and in_live.get(record.image) in rolling:
+            continue
         nodes = len(warm_nodes.get(record.image, ()))
         wanted = scheduled.get(in_live.get(record.image, ""), 0)
         state = "warm" if wanted and nodes >= wanted else "pending"
@@ -258,6 +265,15 @@ def apply_warm_states(learned: LearnedSet, settings: Settings, live: dict[str, d
             record.extra["warmNodes"] = nodes
             changed = True
     return changed
+
+
+def _rolling_out(ds: dict[str, Any]) -> bool:
+    """Whether a DaemonSet's pods are being replaced: its controller has not seen the
+    latest spec yet, or not every scheduled pod runs it."""
+    status = ds.get("status") or {}
+    generation = (ds.get("metadata") or {}).get("generation", 0)
+    return status.get("observedGeneration", 0) < generation or \
+        status.get("updatedNumberScheduled", 0) < status.get("desiredNumberScheduled", 0)
 
 
 def failed_pulls(pods: list[dict[str, Any]], containers: dict[str, str]) -> dict[str, str]:

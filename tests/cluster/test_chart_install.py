@@ -190,7 +190,8 @@ def test_the_certificate_job_as_its_own_identity_writes_the_secret_and_the_ca_bu
 
         def run() -> str:
             result = subprocess.run(
-                python_module(*container["command"][2:], *args, "--kubeconfig", str(kubeconfig)),
+                python_module(*container["command"][2:], *args,
+                              "--kubeconfig", str(kubeconfig)),
                 env=python_env(), capture_output=True, text=True, timeout=120)
             assert result.returncode == 0, result.stderr
             return result.stdout
