@@ -114,7 +114,9 @@ def parse_request(body: Any) -> AdmissionRequest:
         raise BadReview(f"apiVersion must be {API_VERSION!r} (admissionReviewVersions: "
                         f"[v1]), got {body.get('apiVersion')!r}")
     request = body.get("request")
-    _require(isinstance(request, dict), "review has no 'request' object")
+    if not isinstance(request, dict):
+        raise BadReview("review has no 'request' object" if request is None
+                        else "review's 'request' must be an object")
     uid = request.get("uid")
     _require(isinstance(uid, str) and uid != "", "request.uid must be a non-empty string")
     kind = request.get("kind")

@@ -153,14 +153,7 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("body", list(BAD.values()), ids=list(BAD))
-def test_malformed_reviews_raise_bad_review_with_a_message(body):
-    with pytest.raises(admission.BadReview) as caught:
-        admission.review(body)
-    assert str(caught.value)
-
-
-@pytest.mark.parametrize("case,message", [
+MESSAGES = [
     ("wrong kind", "kind must be 'AdmissionReview', got 'Pod'"),
     ("wrong apiVersion", "apiVersion must be 'admission.k8s.io/v1' (admissionReviewVersions: "
                          "[v1]), got 'admission.k8s.io/v1beta1'"),
@@ -174,11 +167,35 @@ def test_malformed_reviews_raise_bad_review_with_a_message(body):
     ("containers not a list", "spec.containers must be a list"),
     ("container not an object", "spec.containers[0] must be an object"),
     ("image not a string", "spec.containers[0].image must be a string"),
-])
+    ("not an object", "body must be a JSON object (an AdmissionReview)"),
+    ("string body", "body must be a JSON object (an AdmissionReview)"),
+    ("null body", "body must be a JSON object (an AdmissionReview)"),
+    ("no request", "review has no 'request' object"),
+    ("request is a list", "review's 'request' must be an object"),
+    ("no uid", "request.uid must be a non-empty string"),
+    ("empty uid", "request.uid must be a non-empty string"),
+    ("numeric uid", "request.uid must be a non-empty string"),
+    ("no kind", "request.kind must be an object with a string 'kind'"),
+    ("kind is a string", "request.kind must be an object with a string 'kind'"),
+    ("group of wrong type", "request.kind.group must be a string"),
+    ("no operation", "request.operation must be one of CREATE, UPDATE, DELETE, CONNECT, got None"),
+    ("namespace not a string", "request.namespace must be a string"),
+    ("dryRun not a bool", "request.dryRun must be a boolean"),
+    ("no object", "request.object must be an object"),
+    ("object is a list", "request.object must be an object"),
+]
+
+
+@pytest.mark.parametrize("case,message", MESSAGES, ids=[c for c, _ in MESSAGES])
 def test_the_message_names_what_is_wrong_and_where(case, message):
     with pytest.raises(admission.BadReview) as caught:
         admission.review(BAD[case])
     assert str(caught.value) == message
+
+
+def test_every_malformed_review_has_its_message():
+    cases = [case for case, _ in MESSAGES]
+    assert sorted(cases) == sorted(BAD) and len(cases) == len(set(cases))
 
 
 # -- /mutate -----------------------------------------------------------------------------
