@@ -20,6 +20,7 @@ import asyncio
 import random
 import ssl
 import time
+from typing import Sequence
 
 
 class _Connection:
@@ -56,18 +57,19 @@ class _Connection:
         return cls(reader, writer)
 
 
-async def _run(host: str, port: int, path: str, body: bytes, context: ssl.SSLContext, *,
-               rate: float, seconds: float, connections: int, seed: int) -> dict:
-    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-               f"\r\n").encode() + body
+async def _run(host: str, port: int, path: str, bodies: Sequence[bytes],
+               context: ssl.SSLContext, *, rate: float, seconds: float, connections: int,
+               seed: int) -> dict:
+    requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                 f"\r\n").encode() + body for body in bodies]
     idle: list[_Connection] = []
     opened = 0
     free = asyncio.Condition()
     latencies: list[float] = []
     errors = 0
 
-    async def one(due: float) -> None:
+    async def one(due: float, request: bytes) -> None:
         nonlocal opened, errors
         # counted from when the generator got to it: its own timer lateness (asyncio
         # sleeps in whole milliseconds) is not the server's, a wait for a connection is
@@ -118,7 +120,7 @@ async def _run(host: str, port: int, path: str, body: bytes, context: ssl.SSLCon
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(due)))
+        tasks.append(asyncio.ensure_future(one(due, requests[len(tasks) % len(requests)])))
     await asyncio.gather(*tasks)
     for conn in idle:
         conn.writer.close()
@@ -135,8 +137,11 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
             "p99_ms": 1000 * ordered[int(len(ordered) * 0.99)]}
 
 
-def run(host: str, port: int, path: str, body: bytes, context: ssl.SSLContext, *,
-        rate: float, seconds: float, connections: int = 8, seed: int = 1) -> dict:
-    """Poisson arrivals at `rate`/s for `seconds`; returns count, errors, rps, p50/p99 (ms)."""
-    return asyncio.run(_run(host, port, path, body, context, rate=rate, seconds=seconds,
+def run(host: str, port: int, path: str, body: bytes | Sequence[bytes],
+        context: ssl.SSLContext, *, rate: float, seconds: float, connections: int = 8,
+        seed: int = 1) -> dict:
+    """Poisson arrivals at `rate`/s for `seconds`, each with `body` (or the next of a list
+    of bodies, in turn); returns count, errors, rps, p50/p99 (ms)."""
+    bodies = [body] if isinstance(body, bytes) else list(body)
+    return asyncio.run(_run(host, port, path, bodies, context, rate=rate, seconds=seconds,
                             connections=connections, seed=seed))

@@ -72,7 +72,7 @@ class SlowHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def drive_slow(pki, handler, **load) -> dict:
+def drive_slow(pki, handler, body=b"{}", **load) -> dict:
     """paced.run against an http.server with `handler`, over TLS."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -80,7 +80,7 @@ def drive_slow(pki, handler, **load) -> dict:
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        return paced.run("127.0.0.1", server.server_address[1], "/observe", b"{}",
+        return paced.run("127.0.0.1", server.server_address[1], "/observe", body,
                          client_context(pki), **load)
     finally:
         server.shutdown()
@@ -122,3 +122,20 @@ def test_a_refused_connection_is_an_error_not_a_hang(pki):
                        rate=50, seconds=0.5, connections=2, seed=2)
     assert result["count"] == 0
     assert result["errors"] > 0
+
+
+def test_a_list_of_bodies_is_sent_in_turn(pki):
+    received: list[bytes] = []
+
+    class Recording(SlowHandler):
+        def do_POST(self):
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    bodies = [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+    result = drive_slow(pki, Recording, bodies, rate=60, seconds=0.5, connections=1, seed=3)
+    assert result["errors"] == 0 and result["count"] == len(received) >= 6
+    assert received == [bodies[i % 3] for i in range(len(received))]
