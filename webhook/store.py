@@ -41,12 +41,12 @@ KEY_HASH_LENGTH = 16
 LABELS = {"app.kubernetes.io/name": "prewarm", "app.kubernetes.io/managed-by": "prewarm",
           "app.kubernetes.io/component": "learned-images"}
 REQUEST_TIMEOUT = (3, 10)  # connect, read: a writer never hangs on a dead API server
-# The API server refuses a ConfigMap whose keys and values add up to more than 1 MiB
-# (1,048,576 bytes); a write is kept under this, with a margin. PREWARM_MAX_BYTES caps what
-# the observer and backfill add well below it: the rest is room for the reconciler's
-# fields (shard, warmNodes, a failing state and its retryAt), which grow records it has
-# already admitted.
-DATA_LIMIT = 1_000_000
+# The API server refuses a ConfigMap whose values add up to more than 1 MiB (1,048,576
+# bytes; ValidateConfigMap counts the values, not the keys); a write is kept under this,
+# with a margin. PREWARM_MAX_BYTES caps what the observer and backfill add well below
+# it: the rest is room for the reconciler's fields (shard, warmNodes, a failing state and
+# its retryAt), which grow records it has already admitted.
+DATA_LIMIT = 1024 * 1024 - 8 * 1024
 
 
 def rfc3339(timestamp: float) -> str:
@@ -159,19 +159,24 @@ class LearnedSet:
         return sum(len(k) + len(v) for k, v in self.unparsed.items()) + sum(
             len(k) + len(r.to_json()) for k, r in self.records.items())
 
+    def value_bytes(self) -> int:
+        """What the API server's size check counts: the values' bytes."""
+        return sum(len(v.encode()) for v in self.unparsed.values()) + sum(
+            len(r.to_json().encode()) for r in self.records.values())
+
     def fit(self, limit: int) -> int:
-        """Brings the encoded size under `limit` without dropping an image: the records
+        """Brings the values' bytes under `limit` without dropping an image: the records
         listing the most namespaces keep only the first (the one the image is charged
         to; the list only orders the pull and informs). Returns how many records were
         cut; raises StoreUnavailable if even that is not enough."""
-        size = self.size()
+        size = self.value_bytes()
         cut = 0
         for record in sorted(self.records.values(), key=lambda r: -len(r.namespaces)):
             if size <= limit or len(record.namespaces) <= 1:
                 break
-            before = len(record.to_json())
+            before = len(record.to_json().encode())
             del record.namespaces[1:]
-            size -= before - len(record.to_json())
+            size -= before - len(record.to_json().encode())
             cut += 1
         if size > limit:
             raise StoreUnavailable(

@@ -120,13 +120,13 @@ def test_fit_brings_a_grown_set_under_the_limit_by_listing_fewer_namespaces():
     for record in learned.records.values():  # what the reconciler adds to a failing image
         record.state = "failing: ImagePullBackOff"
         record.extra.update(retryAt="2026-11-21T10:30:00Z", shard=0)
-    size = learned.size()
+    size = learned.value_bytes()
     limit = size * 85 // 100  # some records must give up their other nine namespaces
     cut = learned.fit(limit)
-    assert 0 < cut < 100 and learned.size() <= limit
+    assert 0 < cut < 100 and learned.value_bytes() <= limit
     assert len(learned.records) == 100
     assert all(r.namespaces and r.namespaces[0] == "ns-00" for r in learned.records.values())
-    assert learned.fit(learned.size()) == 0  # nothing to do when it fits
+    assert learned.fit(learned.value_bytes()) == 0  # nothing to do when it fits
     with pytest.raises(StoreUnavailable, match="lower PREWARM_MAX_BYTES"):
         learned.fit(1000)
 
