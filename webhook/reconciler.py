@@ -140,7 +140,7 @@ class Reconciler:
             containers = {daemonset.container_name(r.image): r.image
                           for r in learned.records.values()}
             pull_failures = failed_pulls(prepuller_pods, containers)
-            changed = False
+            changed = bool(learned.moved)  # records added by hand, moved to their keys
             merged = merge(learned, observed, source="backfill", settings=self.settings)
             result.backfilled = merged.added
             changed |= merged.changed

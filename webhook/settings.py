@@ -106,9 +106,9 @@ FIELDS: tuple[Field, ...] = (
     Field("max_images", "5000", int, "cap on images in learned-images", ALL),
     Field("max_images_per_namespace", "500", int, "cap on images first learned from one "
           "namespace", ALL),
-    Field("max_bytes", str(800 * 1024), int, "cap on the ConfigMap's data size from images "
-          "and their namespaces, at most 921600; the API server refuses objects over 1 MiB "
-          "and the reconciler's state fields use the rest", ALL),
+    Field("max_bytes", str(900 * 1024), int, "cap on learned-images' size: its values, plus "
+          "80 bytes per image kept for the reconciler's state fields; at most 1040384, as the "
+          "API server refuses a ConfigMap over 1 MiB", ALL),
     Field("image_ttl", "30d", parse_duration, "images not seen for this long expire; longer "
           "than last_seen_refresh + resync_period", ALL),
     Field("allow", "", parse_list, "if set, only images under these registries/repositories "
@@ -176,7 +176,7 @@ class Settings:
     last_seen_refresh: float = 6 * 3600.0
     max_images: int = 5000
     max_images_per_namespace: int = 500
-    max_bytes: int = 800 * 1024
+    max_bytes: int = 900 * 1024
     image_ttl: float = 30 * 86400.0
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
@@ -252,10 +252,9 @@ def load(args: argparse.Namespace | None = None,
     return settings
 
 
-# PREWARM_MAX_BYTES at most 900 KiB: at the cap, every image going to `failing` (a
-# registry outage) adds a state and a retryAt to each record, some 55 bytes on ~200, and
-# the whole must stay under the API server's 1 MiB (see store.DATA_LIMIT).
-MAX_BYTES_CEILING = 900 * 1024
+# PREWARM_MAX_BYTES already counts the room the reconciler's fields may take
+# (store.RECONCILER_RESERVE per image): it may go up to what a write may hold.
+MAX_BYTES_CEILING = 1024 * 1024 - 8 * 1024  # store.DATA_LIMIT (store imports settings)
 
 
 def _validate(settings: Settings) -> None:
@@ -271,7 +270,7 @@ def _validate(settings: Settings) -> None:
     if settings.max_bytes > MAX_BYTES_CEILING:
         raise SettingsError(
             f"PREWARM_MAX_BYTES must be at most {MAX_BYTES_CEILING}: the API server refuses a "
-            f"ConfigMap over 1 MiB, and the reconciler's fields need the rest")
+            f"ConfigMap over 1 MiB")
     if settings.image_ttl <= settings.last_seen_refresh + settings.resync_period:
         raise SettingsError(
             f"PREWARM_IMAGE_TTL ({settings.image_ttl:g}s) must be longer than "

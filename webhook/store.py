@@ -47,6 +47,12 @@ REQUEST_TIMEOUT = (3, 10)  # connect, read: a writer never hangs on a dead API s
 # it: the rest is room for the reconciler's fields (shard, warmNodes, a failing state and
 # its retryAt), which grow records it has already admitted.
 DATA_LIMIT = 1024 * 1024 - 8 * 1024
+# The most the reconciler adds to a record the observer wrote: `,"shard":NNN` (12),
+# the state `failing: CreateContainerConfigError` for `pending` (+28) and
+# `,"retryAt":"<RFC 3339>"` (33); or, warm, the shard and `,"warmNodes":NNNNN` (17).
+# merge() charges it up front, so a registry outage (every image failing at once) cannot
+# push a set that was under the cap over what the API server takes.
+RECONCILER_RESERVE = 80
 
 
 def rfc3339(timestamp: float) -> str:
@@ -82,7 +88,10 @@ class Record:
 
     def combine(self, other: Record) -> None:
         """Takes in another record of the same image: namespaces (up to the cap), the
-        earlier firstSeen, the later lastSeen; this record's state and fields win."""
+        earlier firstSeen, the later lastSeen, and `static` if either was pinned so (it
+        never expires); this record's other fields win."""
+        if other.source == "static":
+            self.source = "static"
         for namespace in other.namespaces:
             if namespace not in self.namespaces and \
                     len(self.namespaces) < MAX_NAMESPACES_PER_IMAGE:
@@ -118,6 +127,7 @@ class LearnedSet:
     records: dict[str, Record] = field(default_factory=dict)
     unparsed: dict[str, str] = field(default_factory=dict)
     raw: dict[str, str] = field(default_factory=dict)  # the data as read, for patches
+    moved: int = 0  # records decode() moved to their key: a write is due to save that
 
     @classmethod
     def decode(cls, data: Mapping[str, str] | None) -> LearnedSet:
@@ -140,6 +150,7 @@ class LearnedSet:
                 learned.records[key] = record
             else:
                 elsewhere.append((key, record))
+        learned.moved = len(elsewhere)
         for key, record in elsewhere:
             canonical = key_for(record.image)
             logger.info("learned-images key %s holds %s: moved to its key %s", key,
@@ -155,14 +166,15 @@ class LearnedSet:
         data.update((key, record.to_json()) for key, record in sorted(self.records.items()))
         return data
 
-    def size(self) -> int:
-        return sum(len(k) + len(v) for k, v in self.unparsed.items()) + sum(
-            len(k) + len(r.to_json()) for k, r in self.records.items())
-
     def value_bytes(self) -> int:
         """What the API server's size check counts: the values' bytes."""
         return sum(len(v.encode()) for v in self.unparsed.values()) + sum(
             len(r.to_json().encode()) for r in self.records.values())
+
+    def budget(self) -> int:
+        """What PREWARM_MAX_BYTES caps: the values' bytes, plus RECONCILER_RESERVE for
+        each record, the most the reconciler's fields may still add to it."""
+        return self.value_bytes() + RECONCILER_RESERVE * len(self.records)
 
     def fit(self, limit: int) -> int:
         """Brings the values' bytes under `limit` without dropping an image: the records
@@ -245,7 +257,7 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
     """Merges observations into `learned` in place, enforcing the caps. Pure apart from
     mutating `learned`; `observed` keys are normalized references."""
     result = MergeResult()
-    size = learned.size()
+    size = learned.budget()
     per_namespace: dict[str, int] = {}
     for record in learned.records.values():
         if record.namespaces:
@@ -294,7 +306,7 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
             namespaces.insert(0, origin)
         record = Record(image=image, namespaces=namespaces, first_seen=rfc3339(seen.first),
                         last_seen=rfc3339(seen.last), source=source)
-        entry = len(key) + len(record.to_json())
+        entry = len(record.to_json()) + RECONCILER_RESERVE
         if size + entry > settings.max_bytes:
             result.refused.append((image, f"learned-images size cap reached "
                                           f"({settings.max_bytes} bytes)"))

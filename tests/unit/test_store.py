@@ -87,7 +87,7 @@ def test_byte_cap_keeps_the_configmap_under_budget():
     settings = Settings(max_bytes=20_000)
     result = merge(learned, {f"registry.example.com/team/app-{i}:v1": seen("ns")
                              for i in range(500)}, source="admission", settings=settings)
-    assert learned.size() <= 20_000
+    assert learned.budget() <= 20_000
     assert result.refused and all("size cap" in reason for _, reason in result.refused)
 
 
@@ -102,11 +102,11 @@ def test_the_byte_cap_holds_when_known_images_are_seen_in_new_namespaces():
     merge(learned, {image: seen("ns") for image in images}, source="admission",
           settings=settings)
     kept = {r.image for r in learned.records.values()}
-    assert len(kept) > 3000 and learned.size() <= settings.max_bytes
+    assert len(kept) > 3000 and learned.budget() <= settings.max_bytes
     later = T0 + 7 * 3600
     result = merge(learned, {image: seen(*(f"team-{n:02d}" for n in range(19)), at=later)
                              for image in kept}, source="admission", settings=settings)
-    assert learned.size() <= settings.max_bytes
+    assert learned.budget() <= settings.max_bytes
     assert {r.image for r in learned.records.values()} == kept
     assert all(r.last_seen == rfc3339(later) for r in learned.records.values())
     assert result.unlisted and set(result.unlisted) <= kept and not result.refused
@@ -131,13 +131,22 @@ def test_fit_brings_a_grown_set_under_the_limit_by_listing_fewer_namespaces():
         learned.fit(1000)
 
 
-def test_default_caps_hold_4000_images_under_one_mebibyte():
+def test_at_the_default_cap_every_image_failing_at_once_still_fits_a_configmap():
+    """A registry outage: the reconciler marks every image failing, with the longest
+    reason, a retryAt and a shard number of three digits. The set the observer filled to
+    the default cap must still be one the API server takes, with no namespace cut."""
+    from webhook.store import DATA_LIMIT
+
     learned = LearnedSet()
+    settings = Settings(max_images=10_000, max_images_per_namespace=10_000)
     merge(learned, {f"registry.example.com/team{i % 8}/app-{i}:v1": seen(f"ns{i % 8}")
-                    for i in range(4000)}, source="admission",
-          settings=Settings(max_images_per_namespace=1000))
-    assert len(learned.records) == 4000
-    assert learned.size() < 1024 * 1024 - 100 * 1024
+                    for i in range(5000)}, source="admission", settings=settings)
+    assert len(learned.records) > 3500 and learned.budget() <= settings.max_bytes
+    for record in learned.records.values():
+        record.state = "failing: CreateContainerConfigError"
+        record.extra.update(retryAt="2026-11-21T10:30:00Z", shard=123)
+    assert learned.value_bytes() <= settings.max_bytes <= DATA_LIMIT
+    assert learned.fit(DATA_LIMIT) == 0
 
 
 def test_unparseable_values_are_kept_verbatim():
@@ -261,3 +270,15 @@ def test_a_record_without_times_starts_its_ttl_instead_of_expiring_at_once():
     assert stamp_last_seen(learned, now=T0 + 60) == []
     assert expire(learned, now=T0 + 3599, ttl=3600) == []
     assert expire(learned, now=T0 + 3601, ttl=3600) == ["ghcr.io/acme/tool:1"]
+
+
+def test_a_hand_pin_as_static_survives_being_combined_with_a_learned_record():
+    canonical = "docker.io/library/nginx:1.27"
+    learned_record = Record(image=canonical, namespaces=["team-a"], first_seen=rfc3339(T0),
+                            last_seen=rfc3339(T0), source="admission")
+    learned = LearnedSet.decode({
+        key_for(canonical): learned_record.to_json(),
+        "pinned": json.dumps({"image": "nginx:1.27", "source": "static"})})
+    (record,) = learned.records.values()
+    assert record.source == "static" and learned.moved == 1
+    assert expire(learned, now=T0 + 10**9, ttl=3600) == []
