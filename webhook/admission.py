@@ -220,7 +220,7 @@ def learnable_images(found: Sequence[str], image_filter: images.ImageFilter | No
     """The references of one pod spec that may be learned: normalized, valid, allowed.
     Shared by the observer (reviews) and the reconciler (backfill)."""
     found = tuple(found)
-    if sum(map(len, found)) <= CACHED_LIST_CHARS:
+    if len(found) <= CACHED_LIST_IMAGES and sum(map(len, found)) <= CACHED_LIST_CHARS:
         return _cached_learnable(found, image_filter)
     return _learnable(found, image_filter)
 
@@ -233,6 +233,7 @@ def learnable_images(found: Sequence[str], image_filter: images.ImageFilter | No
 # the cache holds at most a few MiB per worker, whatever clients send.
 CACHED_LISTS = 1024
 CACHED_LIST_CHARS = 2048  # some 15 references with registry, path, tag and digest
+CACHED_LIST_IMAGES = 32  # and few: each short name costs two strings (it and its result)
 
 
 def _learnable(found: tuple[str, ...], image_filter: images.ImageFilter | None) -> Learnable:

@@ -267,6 +267,10 @@ def _validate(settings: Settings) -> None:
     for name in ("flush_interval", "resync_period", "status_interval", "lease_duration"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"PREWARM_{name.upper()} must be more than 0")
+    if re.search(r"-[0-9]+$", settings.daemonset):
+        raise SettingsError(
+            f"PREWARM_DAEMONSET={settings.daemonset!r} may not end in -<digits>: its shards "
+            f"are named <daemonset>-<n>, and another release's would be taken for its own")
     if settings.max_bytes > MAX_BYTES_CEILING:
         raise SettingsError(
             f"PREWARM_MAX_BYTES must be at most {MAX_BYTES_CEILING}: the API server refuses a "

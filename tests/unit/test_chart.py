@@ -140,6 +140,7 @@ def test_lint_strict_is_clean(extra: tuple[str, ...]) -> None:
     ("observer.serviceAccount.name=Bad_Name!ok", "name"),
     ("reconciler.serviceAccount.name=x/ok", "name"),
     ("prepuller.maxUnavailable=0%", "maxUnavailable"),
+    ("daemonSetName=prewarm-images-2", "daemonSetName"),
 ])
 def test_schema_rejects_bad_values_naming_them(setting: str, named: str) -> None:
     for command in ("lint", "template"):

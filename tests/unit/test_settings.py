@@ -42,6 +42,7 @@ def test_environment_is_parsed_and_flags_win():
     ({"PREWARM_NODE_SELECTOR": "[1]"}, "PREWARM_NODE_SELECTOR"),
     ({"PREWARM_BACKFILL": "maybe"}, "PREWARM_BACKFILL"),
     ({"PREWARM_MAX_BYTES": "1048576"}, "PREWARM_MAX_BYTES must be at most 1040384"),
+    ({"PREWARM_DAEMONSET": "prewarm-images-2"}, "may not end in -<digits>"),
     # an image in use would expire between two refreshes of its lastSeen (6h + 5m)
     ({"PREWARM_IMAGE_TTL": "1h"}, "PREWARM_IMAGE_TTL (3600s) must be longer than"),
     ({"PREWARM_IMAGE_TTL": "2h", "PREWARM_LAST_SEEN_REFRESH": "1h",
