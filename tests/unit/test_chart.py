@@ -607,3 +607,9 @@ def test_webhook_configurations_are_named_after_the_release_whatever_its_name() 
     webhooks = rules_by_role(objects)[("ClusterRole", "team-a-prewarm-certs")]
     assert {name for rule in webhooks for name in rule["resourceNames"]} == {
         "team-a-observe", "team-a-mutate"}
+    overridden = run_helm("template", "team-a", str(CHART), "--namespace", NAMESPACE,
+                          "--set", "fullnameOverride=team-a-east", *JOB_MODE)
+    assert overridden.returncode == 0, overridden.stderr
+    objects = [doc for doc in yaml.safe_load_all(overridden.stdout) if doc]
+    one(objects, "ValidatingWebhookConfiguration", "team-a-east-observe")
+    one(objects, "MutatingWebhookConfiguration", "team-a-east-mutate")

@@ -75,14 +75,15 @@ Object names derived from the full name.
 {{/*
 The webhook configurations are named after the release itself (`<release>-observe`, as
 DESIGN.md fixes it), not the full name: cluster-scoped, they are what an operator looks
-for in `kubectl get validatingwebhookconfigurations`.
+for in `kubectl get validatingwebhookconfigurations`. fullnameOverride names them too,
+for two releases of one name in different namespaces.
 */}}
 {{- define "prewarm.validatingWebhookName" -}}
-{{- printf "%s-observe" .Release.Name -}}
+{{- printf "%s-observe" (.Values.fullnameOverride | default .Release.Name) -}}
 {{- end -}}
 
 {{- define "prewarm.mutatingWebhookName" -}}
-{{- printf "%s-mutate" .Release.Name -}}
+{{- printf "%s-mutate" (.Values.fullnameOverride | default .Release.Name) -}}
 {{- end -}}
 
 {{/*
