@@ -141,6 +141,9 @@ def test_lint_strict_is_clean(extra: tuple[str, ...]) -> None:
     ("reconciler.serviceAccount.name=x/ok", "name"),
     ("prepuller.maxUnavailable=0%", "maxUnavailable"),
     ("daemonSetName=prewarm-images-2", "daemonSetName"),
+    # not the schema: a check across two values, in the templates
+    ("learning.imageTTL=90s", "learning.imageTTL (90s) must be longer than 6h"),
+    ("prepuller.resyncPeriod=30d", "plus prepuller.resyncPeriod (30d)"),
 ])
 def test_schema_rejects_bad_values_naming_them(setting: str, named: str) -> None:
     for command in ("lint", "template"):

@@ -178,3 +178,27 @@ Comma-separated names of prepuller.imagePullSecrets (PREWARM_IMAGE_PULL_SECRETS)
 {{- end -}}
 {{- join "," $names -}}
 {{- end -}}
+
+{{/*
+Seconds in a duration as the settings read it (`90`, `90s`, `15m`, `12h`, `30d`).
+*/}}
+{{- define "prewarm.seconds" -}}
+{{- $text := toString . -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $text -}}
+{{- $unit := trimPrefix $number $text -}}
+{{- $scale := get (dict "" 1 "s" 1 "m" 60 "h" 3600 "d" 86400) $unit -}}
+{{- mulf (float64 $number) $scale -}}
+{{- end -}}
+
+{{/*
+Checks across values that the schema cannot express, so that `helm install` or
+`helm upgrade` refuses them instead of pods failing at start (webhook/settings.py
+checks the same).
+*/}}
+{{- define "prewarm.checks" -}}
+{{- $ttl := include "prewarm.seconds" .Values.learning.imageTTL | float64 -}}
+{{- $resync := include "prewarm.seconds" .Values.prepuller.resyncPeriod | float64 -}}
+{{- if le $ttl (addf 21600 $resync) -}}
+{{- fail (printf "learning.imageTTL (%s) must be longer than 6h (how often a running image's lastSeen is refreshed) plus prepuller.resyncPeriod (%s): an image in use would expire between two refreshes" (toString .Values.learning.imageTTL) (toString .Values.prepuller.resyncPeriod)) -}}
+{{- end -}}
+{{- end -}}
