@@ -141,9 +141,6 @@ def test_lint_strict_is_clean(extra: tuple[str, ...]) -> None:
     ("reconciler.serviceAccount.name=x/ok", "name"),
     ("prepuller.maxUnavailable=0%", "maxUnavailable"),
     ("daemonSetName=prewarm-images-2", "daemonSetName"),
-    # not the schema: a check across two values, in the templates
-    ("learning.imageTTL=90s", "learning.imageTTL (90s) must be longer than 6h"),
-    ("prepuller.resyncPeriod=30d", "plus prepuller.resyncPeriod (30d)"),
 ])
 def test_schema_rejects_bad_values_naming_them(setting: str, named: str) -> None:
     for command in ("lint", "template"):
@@ -156,6 +153,19 @@ def test_schema_rejects_bad_values_naming_them(setting: str, named: str) -> None
         output = result.stdout + result.stderr
         assert result.returncode != 0, f"helm {command} accepted --set {setting}"
         assert named in output, output
+
+
+@pytest.mark.parametrize("setting,named", [
+    ("learning.imageTTL=90s", "learning.imageTTL (90s) must be longer than 6h"),
+    ("prepuller.resyncPeriod=30d", "plus prepuller.resyncPeriod (30d)"),
+])
+def test_an_image_ttl_shorter_than_the_refresh_fails_rendering(setting: str, named: str) -> None:
+    """A check across two values, in the templates (the schema compares none): what
+    install and upgrade render fails with the reason. (`helm lint` reports a template's
+    `fail` without failing.)"""
+    result = run_helm("template", RELEASE, str(CHART), "--set", setting)
+    assert result.returncode != 0 and named in result.stderr, result.stderr
+    assert run_helm("template", RELEASE, str(CHART), "--set", "learning.imageTTL=7h").returncode == 0
 
 
 # Values whose content is Kubernetes' own schema (documented by the key above them).
