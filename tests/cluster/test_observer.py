@@ -15,7 +15,7 @@ from kubernetes import client
 from hack.controlplane import find_binary
 from tests.support import (Observer, eventually, learned_images, new_namespace_name,
                            register_chart_webhook, unregister_webhook)
-from webhook.settings import Settings
+from webhook.settings import MAX_BYTES_CEILING, Settings
 from webhook.store import LearnedImagesStore, Observation, merge
 
 LEARN = {"prewarm.io/learn": "enabled"}
@@ -316,7 +316,10 @@ def test_each_answer_is_one_tls_record_on_a_kept_alive_connection(setup):
 def test_eight_concurrent_writers_lose_no_image(cluster, core):
     namespace = new_namespace_name("writers")
     core.create_namespace({"metadata": {"name": namespace}})
-    settings = Settings(namespace=namespace, max_images=5000, max_images_per_namespace=5000)
+    # caps out of the way (4,000 images of this size need the largest byte cap allowed):
+    # this is about writers racing, not about caps
+    settings = Settings(namespace=namespace, max_images=5000, max_images_per_namespace=5000,
+                        max_bytes=MAX_BYTES_CEILING)
     now = time.time()
 
     def writer(index: int) -> None:
