@@ -137,6 +137,18 @@ def unregister_webhook(plane, name: str, kind: str = "ValidatingWebhookConfigura
         pass
 
 
+def apiserver_metric(plane, name: str, *labels: str) -> float:
+    """Sum of the API server's own counter `name` (from its /metrics) over the series
+    whose labels include every one of `labels` (`'verb="LIST"'`)."""
+    from hack.controlplane import find_binary
+
+    text = subprocess.run([str(find_binary("kubectl")), "--kubeconfig", str(plane.kubeconfig),
+                           "get", "--raw", "/metrics"], capture_output=True, text=True,
+                          check=True, timeout=60).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(label in line for label in labels))
+
+
 # -- the observer as a real gunicorn server --------------------------------------------
 
 class Observer:

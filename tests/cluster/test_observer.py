@@ -3,6 +3,7 @@ through the chart's ValidatingWebhookConfiguration, and images land in learned-i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -13,8 +14,8 @@ import pytest
 from kubernetes import client
 
 from hack.controlplane import find_binary
-from tests.support import (Observer, eventually, learned_images, new_namespace_name,
-                           register_chart_webhook, unregister_webhook)
+from tests.support import (Observer, apiserver_metric, eventually, learned_images,
+                           new_namespace_name, register_chart_webhook, unregister_webhook)
 from webhook.settings import MAX_BYTES_CEILING, Settings
 from webhook.store import LearnedImagesStore, Observation, merge
 
@@ -392,8 +393,12 @@ def test_a_write_that_would_pass_one_mebibyte_still_lands_and_keeps_every_image(
         core.delete_namespace(namespace)
 
 
-def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core, tmp_path):
-    release_ns = new_namespace_name("killed")
+@contextlib.contextmanager
+def observed_namespace(cluster, core, tmp_path, prefix: str):
+    """An observer of its own, registered with the chart's webhook configuration and
+    answering for a labelled namespace; yields (observer, the configuration, namespace),
+    everything removed afterwards."""
+    release_ns = new_namespace_name(prefix)
     target = new_namespace_name("learn")
     core.create_namespace({"metadata": {"name": release_ns}})
     core.create_namespace({"metadata": {"name": target, "labels": LEARN}})
@@ -403,6 +408,23 @@ def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core
         name, config = register_chart_webhook(cluster, observer, release_ns)
         probe = Setup(cluster, core, release_ns, observer, target, "", name)
         eventually("webhook active", lambda: _try_sentinel(probe), timeout=60, interval=1)
+        yield observer, config, target
+    finally:
+        unregister_webhook(cluster, name)
+        observer.stop()
+        core.delete_namespace(release_ns)
+        core.delete_namespace(target)
+
+
+def fail_open_count(cluster) -> float:
+    """How often the API server let a request through a failing observe webhook
+    (failurePolicy Ignore)."""
+    return apiserver_metric(cluster, "apiserver_admission_webhook_fail_open_count",
+                            'name="observe.prewarm.io"')
+
+
+def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core, tmp_path):
+    with observed_namespace(cluster, core, tmp_path, "killed") as (observer, config, target):
         failed_open = fail_open_count(cluster)
         observer.process.stop(sig=9)
         started = time.monotonic()
@@ -412,11 +434,6 @@ def test_pods_are_still_created_when_the_webhook_process_is_killed(cluster, core
         assert fail_open_count(cluster) > failed_open  # the webhook was called, and failed
         timeout = config["webhooks"][0]["timeoutSeconds"]
         assert timeout <= 5 and elapsed < timeout + 3
-    finally:
-        unregister_webhook(cluster, name)
-        observer.stop()
-        core.delete_namespace(release_ns)
-        core.delete_namespace(target)
 
 
 def test_pods_are_still_created_when_the_webhook_hangs(cluster, core, tmp_path):
@@ -426,16 +443,7 @@ def test_pods_are_still_created_when_the_webhook_hangs(cluster, core, tmp_path):
     import os
     import signal
 
-    release_ns = new_namespace_name("hung")
-    target = new_namespace_name("learn")
-    core.create_namespace({"metadata": {"name": release_ns}})
-    core.create_namespace({"metadata": {"name": target, "labels": LEARN}})
-    observer = Observer(cluster, release_ns, tmp_path)
-    name = f"{release_ns}-observe"
-    try:
-        name, config = register_chart_webhook(cluster, observer, release_ns)
-        probe = Setup(cluster, core, release_ns, observer, target, "", name)
-        eventually("webhook active", lambda: _try_sentinel(probe), timeout=60, interval=1)
+    with observed_namespace(cluster, core, tmp_path, "hung") as (observer, config, target):
         failed_open = fail_open_count(cluster)
         os.killpg(observer.process.popen.pid, signal.SIGSTOP)
         try:
@@ -449,22 +457,6 @@ def test_pods_are_still_created_when_the_webhook_hangs(cluster, core, tmp_path):
         timeout = config["webhooks"][0]["timeoutSeconds"]
         assert timeout <= 5 and elapsed >= timeout
         assert fail_open_count(cluster) > failed_open
-    finally:
-        unregister_webhook(cluster, name)
-        observer.stop()
-        core.delete_namespace(release_ns)
-        core.delete_namespace(target)
-
-
-def fail_open_count(cluster) -> float:
-    """How often the API server let a request through a failing webhook (failurePolicy
-    Ignore), from its /metrics."""
-    text = subprocess.run([str(find_binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig),
-                           "get", "--raw", "/metrics"], capture_output=True, text=True,
-                          check=True, timeout=60).stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("apiserver_admission_webhook_fail_open_count{")
-               and 'name="observe.prewarm.io"' in line)
 
 
 def test_images_buffered_while_the_api_server_is_down_are_written_when_it_returns(

@@ -10,8 +10,8 @@ import time
 import pytest
 from kubernetes import client
 
-from tests.support import (NODES, Process, eventually, learned_images, new_namespace_name,
-                           python_env, python_module)
+from tests.support import (NODES, Process, apiserver_metric, eventually, learned_images,
+                           new_namespace_name, python_env, python_module)
 from webhook import daemonset
 from webhook.reconciler import LeaseElector, NotLeader, Reconciler
 from webhook.settings import Settings
@@ -390,17 +390,11 @@ def test_backfill_from_the_watched_pod_cache_follows_pods_without_relisting(
 
 
 def pod_lists(cluster) -> float:
-    """LIST requests for pods in one namespace the API server has served, from its
-    /metrics. Namespaced only: the pod cache's own relist (after its watch breaks) and
-    the controllers' are cluster-wide, and would blur the count."""
-    from hack.controlplane import find_binary
-
-    text = subprocess.run([str(find_binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig),
-                           "get", "--raw", "/metrics"], capture_output=True, text=True,
-                          check=True, timeout=60).stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("apiserver_request_total{") and 'resource="pods"' in line
-               and 'verb="LIST"' in line and 'scope="namespace"' in line)
+    """LIST requests for pods in one namespace the API server has served. Namespaced
+    only: the pod cache's own relist (after its watch breaks) and the controllers' are
+    cluster-wide, and would blur the count."""
+    return apiserver_metric(cluster, "apiserver_request_total", 'resource="pods"',
+                            'verb="LIST"', 'scope="namespace"')
 
 
 def test_a_stopped_leader_releases_its_lease(cluster, prewarm_ns, tmp_path):
