@@ -145,9 +145,9 @@ def spec_path(kind: GroupVersionKind) -> tuple[str, ...]:
     return path
 
 
-def pod_spec(kind: GroupVersionKind, obj: Any) -> dict[str, Any]:
-    """The pod spec inside `obj`, found by kind; raises BadReview if it is not there."""
-    path = spec_path(kind)
+def pod_spec(path: tuple[str, ...], obj: Any) -> dict[str, Any]:
+    """The pod spec at `path` (see spec_path) inside `obj`; raises BadReview if it is not
+    there."""
     _require(isinstance(obj, dict), "request.object must be an object")
     node: Any = obj
     for depth, step in enumerate(path):
@@ -191,11 +191,11 @@ def review(body: Any, *, excluded_namespaces: frozenset[str] = frozenset(),
     operation = request["operation"]
     # kind and operation are checked first: both name the metrics' series (the caller
     # counts by them), so they must come from a fixed set, whatever a client sends
-    spec_path(kind)
+    path = spec_path(kind)
     if operation not in ("CREATE", "UPDATE"):
         return Outcome(response=response, kind=kind["kind"], namespace=namespace,
                        skipped=f"operation {operation}")
-    spec = pod_spec(kind, request.get("object"))
+    spec = pod_spec(path, request.get("object"))
     found = container_images(spec)
     if request.get("dryRun", False):
         # sideEffects: NoneOnDryRun promises the API server that a dry run changes nothing
@@ -295,7 +295,7 @@ def mutate(body: Any, *, warm: frozenset[str],
             or request.get("namespace", "") in excluded_namespaces:
         return response
     obj = request.get("object")
-    spec = pod_spec(kind, obj)
+    spec = pod_spec(spec_path(kind), obj)
     container_images(spec)  # validates the container lists (BadReview if malformed)
     relaxed = relax_pull_policies(spec, warm)
     patch = jsonpatch.make_patch({"spec": spec}, {"spec": relaxed}).patch
