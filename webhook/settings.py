@@ -254,7 +254,7 @@ def load(args: argparse.Namespace | None = None,
 
 # PREWARM_MAX_BYTES already counts the room the reconciler's fields may take
 # (store.RECONCILER_RESERVE per image): it may go up to what a write may hold.
-MAX_BYTES_CEILING = 1024 * 1024 - 8 * 1024  # store.DATA_LIMIT (store imports settings)
+MAX_BYTES_CEILING = 1024 * 1024 - 8 * 1024  # also store.DATA_LIMIT, what a write may hold
 
 
 def _validate(settings: Settings) -> None:

@@ -29,7 +29,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from webhook import images
-from webhook.settings import Settings
+from webhook.settings import MAX_BYTES_CEILING, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,10 @@ LABELS = {"app.kubernetes.io/name": "prewarm", "app.kubernetes.io/managed-by": "
 REQUEST_TIMEOUT = (3, 10)  # connect, read: a writer never hangs on a dead API server
 # The API server refuses a ConfigMap whose values add up to more than 1 MiB (1,048,576
 # bytes; ValidateConfigMap counts the values, not the keys); a write is kept under this,
-# with a margin. PREWARM_MAX_BYTES caps what the observer and backfill add well below
-# it: the rest is room for the reconciler's fields (shard, warmNodes, a failing state and
-# its retryAt), which grow records it has already admitted.
-DATA_LIMIT = 1024 * 1024 - 8 * 1024
+# with a margin. PREWARM_MAX_BYTES (at most this) already counts the room the
+# reconciler's fields take (RECONCILER_RESERVE), so only a set written under a larger cap
+# or edited by hand needs LearnedSet.fit.
+DATA_LIMIT = MAX_BYTES_CEILING  # 1 MiB less 8 KiB, defined with the setting it bounds
 # The most the reconciler adds to a record the observer wrote: `,"shard":NNN` (12),
 # the state `failing: CreateContainerConfigError` for `pending` (+28) and
 # `,"retryAt":"<RFC 3339>"` (33); or, warm, the shard and `,"warmNodes":NNNNN` (17).
@@ -422,12 +422,14 @@ class LearnedImagesStore:
             before = current.learned.raw
             if not mutate(current.learned):
                 return current
-            cut = current.learned.fit(DATA_LIMIT)
-            if cut:
+            after = current.learned.encode()
+            if sum(len(value.encode()) for value in after.values()) > DATA_LIMIT:
+                cut = current.learned.fit(DATA_LIMIT)
                 logger.error("learned-images would be over %d bytes: %d images now list only "
-                             "their first namespace (PREWARM_MAX_BYTES leaves too little room "
-                             "for the reconciler's fields)", DATA_LIMIT, cut)
-            patch = merge_patch(before, current.learned.encode(), current.resource_version)
+                             "their first namespace (written under a larger cap, or edited "
+                             "by hand)", DATA_LIMIT, cut)
+                after = current.learned.encode()
+            patch = merge_patch(before, after, current.resource_version)
             if not patch["data"]:
                 return current
             try:
