@@ -9,12 +9,14 @@ kept, so a namespace labelled later is backfilled at the next pass without a re-
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from typing import Any
+from typing import Any, Iterable, Iterator
 
-from kubernetes import client, watch
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 
 from webhook import admission, images
 from webhook.kube import list_pages
@@ -35,6 +37,29 @@ def learnable(pod: dict[str, Any], image_filter: images.ImageFilter) -> tuple[st
     except admission.BadReview:
         return ()
     return admission.learnable_images(found, image_filter).images
+
+
+class WatchExpired(Exception):
+    """The watch's resourceVersion is gone (410): only a fresh list can resume."""
+
+
+def events(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(type, object) per line of a watch response, the objects left as decoded JSON.
+
+    An ERROR event ends the stream: 410 Gone as WatchExpired, anything else as an
+    ApiException carrying the server's reason and message. (The client's Watch.stream
+    fails on these with KeyError 'raw_object' when asked not to build models.)"""
+    for line in lines:
+        if not line:
+            continue
+        event = json.loads(line)
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise WatchExpired(obj.get("message") or "resource version expired")
+            raise ApiException(status=obj.get("code") or 0,
+                               reason=f"{obj.get('reason')}: {obj.get('message')}")
+        yield kind, obj
 
 
 class PodImages:
@@ -71,6 +96,18 @@ class PodImages:
             else:
                 self._pods.pop(key, None)
 
+    def watch(self, version: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The pod events after `version` until the server ends the watch (300 s)."""
+        response = self.core.list_pod_for_all_namespaces(
+            watch=True, resource_version=version, timeout_seconds=300,
+            allow_watch_bookmarks=True, _preload_content=False,
+            _request_timeout=WATCH_TIMEOUT)
+        try:
+            yield from events(iter_resp_lines(response))
+        finally:
+            response.close()
+            response.release_conn()
+
     def run(self, stop: threading.Event) -> None:
         version: str | None = None
         while not stop.is_set():
@@ -78,19 +115,15 @@ class PodImages:
                 if version is None:
                     version = self.relist()
                     self.synced.set()
-                for event in watch.Watch().stream(
-                        self.core.list_pod_for_all_namespaces, resource_version=version,
-                        timeout_seconds=300, allow_watch_bookmarks=True, deserialize=False,
-                        _request_timeout=WATCH_TIMEOUT):
+                for kind, obj in self.watch(version):
                     if stop.is_set():
                         return
-                    kind, obj = event["type"], event["object"]
-                    if kind == "ERROR":  # e.g. 410 Gone sent as an event: list again
-                        version = None
-                        break
                     version = (obj.get("metadata") or {}).get("resourceVersion", version)
                     if kind != "BOOKMARK":
                         self.apply(kind, obj)
+            except WatchExpired as expired:  # routine after compaction: list again now
+                logger.info("pod watch expired (%s); listing pods again", expired)
+                version = None
             except ApiException as error:
                 if error.status != 410:
                     logger.warning("pod watch failed: %s", error)
