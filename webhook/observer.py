@@ -7,7 +7,8 @@ so no HTTP connection pool is shared between processes), wakes every flush inter
 drops what the last read of the ConfigMap already records, and writes the rest with the
 store's conflict-safe read-modify-write. If the API server is unreachable, the batch goes
 back into the buffer and the next attempt waits with exponential backoff; the buffer is
-bounded and every image dropped past the bound is counted.
+bounded and every image dropped past the bound is counted. A stopping worker makes one
+last write, bounded in time, and counts what it could not write as dropped too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 # image that an expiry (reconciler) removed in the meantime is re-added after this.
 SNAPSHOT_MAX_AGE = 30.0
 MAX_BACKOFF = 30.0
+# How long a stopping worker gives its last write: gunicorn kills a worker 20 s
+# (graceful_timeout) after asking it to stop, and that time also covers the requests
+# still being answered. What is not written by then is counted as dropped.
+STOP_TIMEOUT = 8.0
 
 
 def backoff(failures: int, interval: float) -> float:
@@ -97,6 +102,7 @@ class Flusher:
         self._next_attempt = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._in_flight = 0  # images of the batch being written, out of the buffer
         self.last_error: str = ""
         self._warm: frozenset[str] = frozenset()
         self._warm_wanted = False
@@ -120,14 +126,23 @@ class Flusher:
                                             daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stops the loop and makes a last attempt to write what is buffered."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Stops the loop, which makes a last attempt to write what is buffered, and
+        waits for it at most `timeout` seconds. Returns how many images were not
+        written: they are counted as dropped (backfill re-learns them) and logged."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is None:  # never started: the last attempt is made here
+            self._final_flush()
+        else:
             self._thread.join(timeout)
         metrics.publish_pending()
-        if len(self.buffer):
-            self.flush(force=True)
+        lost = len(self.buffer) + self._in_flight
+        if lost:
+            metrics.IMAGES_DROPPED.inc(lost)
+            logger.error("stopping with %d images not written to learned-images (%s); "
+                         "counted as dropped, backfill re-learns them", lost,
+                         self.last_error or f"the last write did not finish in {timeout:.0f}s")
+        return lost
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.flush_interval):
@@ -138,6 +153,16 @@ class Flusher:
                     self._refresh_snapshot()
             except Exception:  # the loop must survive anything (flush restores its batch)
                 logger.exception("unexpected error while flushing learned images")
+        self._final_flush()
+
+    def _final_flush(self) -> None:
+        """One more attempt, whatever the backoff: the worker is about to exit. In this
+        thread, so that no two writes of one worker ever run at once."""
+        try:
+            if len(self.buffer):
+                self.flush(force=True)
+        except Exception:
+            logger.exception("unexpected error in the last flush of learned images")
 
     def warm_images(self) -> frozenset[str]:
         """Images recorded as warm in the last read of learned-images (for /mutate). The
@@ -171,6 +196,13 @@ class Flusher:
         pending = self._drop_known(pending, now)
         if not pending:
             return None
+        self._in_flight = len(pending)
+        try:
+            return self._write(pending, now)
+        finally:
+            self._in_flight = 0
+
+    def _write(self, pending: dict[str, Observation], now: float) -> MergeResult | None:
         result = MergeResult()
 
         def apply(learned) -> bool:

@@ -485,6 +485,27 @@ def test_images_buffered_while_the_api_server_is_down_are_written_when_it_return
         observer.stop()
 
 
+def test_a_worker_stopped_during_an_outage_exits_in_time_and_counts_what_it_lost(
+        private_plane, tmp_path):
+    """A rolling restart while the API server is down: the last write cannot land, and
+    the worker must neither hang past gunicorn's kill (20 s) nor lose images silently."""
+    core = client.CoreV1Api(private_plane.api_client())
+    core.create_namespace({"metadata": {"name": "prewarm"}})
+    observer = Observer(private_plane, "prewarm", tmp_path, workers=1)
+    try:
+        private_plane.stop_apiserver()
+        for index in range(4):
+            body = _review(uid=f"o-{index}", namespace="team", object={
+                "spec": {"containers": [{"image": f"lost.example.com/img-{index}:1"}]}})
+            assert observer.request("POST", "/observe", body, JSON)[0] == 200
+        observer.process.stop(sig=15)
+        assert observer.process.popen.returncode == 0  # exited by itself, not killed
+        assert "stopping with 4 images not written to learned-images" in \
+            observer.process.output()
+    finally:
+        observer.stop()
+
+
 def test_optional_mutate_endpoint_relaxes_pull_policy_of_warm_images(setup, core):
     """Chart value mutate.enabled: in namespaces also labelled prewarm.io/pull-policy=
     IfNotPresent, a warm image's Always pull policy becomes IfNotPresent."""
