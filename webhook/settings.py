@@ -72,7 +72,9 @@ class Field:
 
 ALL = ("serve", "reconcile", "render", "status")
 SERVE = ("serve",)
-RECONCILE = ("reconcile", "render")
+RECONCILE = ("reconcile", "render")  # what render needs to draw the DaemonSets
+LEARN = ("serve", "reconcile")  # the writers of learned-images: the observer and backfill
+RECONCILER = ("reconcile",)
 
 FIELDS: tuple[Field, ...] = (
     # -- where Prewarm keeps its state ---------------------------------------------------
@@ -101,39 +103,39 @@ FIELDS: tuple[Field, ...] = (
           "unreachable; beyond it new images are dropped and counted "
           "(prewarm_images_dropped_total), and backfill re-learns them", SERVE),
     Field("last_seen_refresh", "6h", parse_duration, "an already-known image's lastSeen is "
-          "rewritten at most this often (steady state makes no other writes)", ALL),
+          "rewritten at most this often (steady state makes no other writes)", LEARN),
     # -- the learned set (shared by every writer) ---------------------------------------
-    Field("max_images", "5000", int, "cap on images in learned-images", ALL),
+    Field("max_images", "5000", int, "cap on images in learned-images", LEARN),
     Field("max_images_per_namespace", "500", int, "cap on images first learned from one "
-          "namespace", ALL),
+          "namespace", LEARN),
     Field("max_bytes", str(900 * 1024), int, "cap on learned-images' size: its values, plus "
           "80 bytes per image kept for the reconciler's state fields; at most 1040384, as the "
-          "API server refuses a ConfigMap over 1 MiB", ALL),
+          "API server refuses a ConfigMap over 1 MiB", LEARN),
     Field("image_ttl", "30d", parse_duration, "images not seen for this long expire; longer "
-          "than last_seen_refresh + resync_period", ALL),
+          "than last_seen_refresh + resync_period", RECONCILER),
     Field("allow", "", parse_list, "if set, only images under these registries/repositories "
           "are learned (comma-separated; matched on whole path segments, '*' matches one "
-          "segment), e.g. 'ghcr.io/acme,docker.io/library'", ALL),
+          "segment), e.g. 'ghcr.io/acme,docker.io/library'", LEARN),
     Field("deny", "", parse_list, "images under these registries/repositories are never "
-          "learned (same syntax as --allow; deny wins)", ALL),
+          "learned (same syntax as --allow; deny wins)", LEARN),
     Field("exclude_namespaces", "", parse_list, "namespaces never learned, besides "
-          "kube-system, kube-node-lease and Prewarm's own", ALL),
+          "kube-system, kube-node-lease and Prewarm's own", LEARN),
     # -- the reconciler -----------------------------------------------------------------
     Field("daemonset", "prewarm-images", str, "name of the pre-pull DaemonSet (shards get "
-          "-<n>)", RECONCILE + ("status",)),
+          "-<n>)", RECONCILE),
     Field("shard_size", "100", int, "at most this many images per DaemonSet", RECONCILE),
     Field("resync_period", "5m", parse_duration, "full reconcile + backfill period",
-          RECONCILE),
+          RECONCILER),
     Field("status_interval", "10s", parse_duration, "how often the leader looks at the "
-          "prepuller pods' pull statuses when nothing else triggers a pass", RECONCILE),
+          "prepuller pods' pull statuses when nothing else triggers a pass", RECONCILER),
     Field("backfill", "true", parse_bool, "learn images of running Pods in opted-in "
-          "namespaces on start and every resync", RECONCILE),
+          "namespaces on start and every resync", RECONCILER),
     Field("failure_backoff", "30m", parse_duration, "a failing image is retried after this",
-          RECONCILE),
+          RECONCILER),
     Field("lease_name", "prewarm-reconciler", str, "Lease used for leader election",
-          RECONCILE),
-    Field("lease_duration", "15s", parse_duration, "leader lease duration", RECONCILE),
-    Field("identity", "", str, "leader-election identity (default: hostname-pid)", RECONCILE),
+          RECONCILER),
+    Field("lease_duration", "15s", parse_duration, "leader lease duration", RECONCILER),
+    Field("identity", "", str, "leader-election identity (default: hostname-pid)", RECONCILER),
     Field("helper_image", "ghcr.io/prewarm/prewarm:latest", str, "Prewarm's own image; its "
           "static no-op helper is copied into every pre-pull pod", RECONCILE),
     Field("helper_path", "/usr/local/bin/prewarm-noop", str, "path of the no-op helper in "
@@ -153,7 +155,7 @@ FIELDS: tuple[Field, ...] = (
     Field("max_unavailable", "10%", str, "rollingUpdate.maxUnavailable of the DaemonSet",
           RECONCILE),
     Field("health_port", "8081", int, "reconciler's /healthz and /metrics port (0: off)",
-          ("reconcile",)),
+          RECONCILER),
 )
 
 
@@ -230,11 +232,19 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def load(args: argparse.Namespace | None = None,
-         environ: dict[str, str] | os._Environ[str] | None = None) -> Settings:
-    """Settings from flags (if given) over `PREWARM_*` environment over defaults."""
+         environ: dict[str, str] | os._Environ[str] | None = None, *,
+         command: str | None = None) -> Settings:
+    """Settings from flags (if given) over `PREWARM_*` environment over defaults. With a
+    command (or `args.command`), only the settings that command uses are read and checked:
+    the chart gives both deployments the same environment, and the observer must not
+    refuse a value only the reconciler reads."""
     environ = os.environ if environ is None else environ
+    command = command or getattr(args, "command", None)
+    used = {spec.name for spec in FIELDS if command is None or command in spec.commands}
     values: dict[str, Any] = {}
     for spec in FIELDS:
+        if spec.name not in used:
+            continue
         raw = getattr(args, spec.name, None) if args is not None else None
         source = spec.flag
         if raw is None:
@@ -248,7 +258,7 @@ def load(args: argparse.Namespace | None = None,
     if not values.get("namespace"):
         values["namespace"] = default_namespace()
     settings = Settings(**values)
-    _validate(settings)
+    _validate(settings, used)
     return settings
 
 
@@ -257,9 +267,18 @@ def load(args: argparse.Namespace | None = None,
 MAX_BYTES_CEILING = 1024 * 1024 - 8 * 1024  # also store.DATA_LIMIT, what a write may hold
 
 
-def _validate(settings: Settings) -> None:
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _validate(settings: Settings, used: set[str] | None = None) -> None:
+    """Checks the settings in `used` (all of them by default)."""
+    if used is None:
+        used = {spec.name for spec in FIELDS}
     if settings.log_format not in ("text", "json"):
         raise SettingsError(f"PREWARM_LOG_FORMAT={settings.log_format!r}: use text or json")
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise SettingsError(f"PREWARM_LOG_LEVEL={settings.log_level!r}: use one of "
+                            f"{', '.join(LOG_LEVELS)}")
     for name in ("workers", "threads", "max_images", "max_images_per_namespace", "shard_size",
                  "buffer_max", "max_bytes"):
         if getattr(settings, name) < 1:
@@ -275,7 +294,8 @@ def _validate(settings: Settings) -> None:
         raise SettingsError(
             f"PREWARM_MAX_BYTES must be at most {MAX_BYTES_CEILING}: the API server refuses a "
             f"ConfigMap over 1 MiB")
-    if settings.image_ttl <= settings.last_seen_refresh + settings.resync_period:
+    if "image_ttl" in used and \
+            settings.image_ttl <= settings.last_seen_refresh + settings.resync_period:
         raise SettingsError(
             f"PREWARM_IMAGE_TTL ({settings.image_ttl:g}s) must be longer than "
             f"PREWARM_LAST_SEEN_REFRESH + PREWARM_RESYNC_PERIOD "

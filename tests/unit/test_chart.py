@@ -168,6 +168,26 @@ def test_an_image_ttl_shorter_than_the_refresh_fails_rendering(setting: str, nam
     assert run_helm("template", RELEASE, str(CHART), "--set", "learning.imageTTL=7h").returncode == 0
 
 
+@pytest.mark.parametrize("extra", [(), (
+    # the TTL the chart's check accepts as just long enough for this resync period
+    "--set", "prepuller.resyncPeriod=1m", "--set", "learning.imageTTL=363m")],
+    ids=["defaults", "short-resync"])
+def test_every_deployment_accepts_the_settings_the_chart_gives_it(extra: tuple[str, ...]) -> None:
+    """What `helm template` accepts must start: each Deployment's environment, read as
+    its command reads it, passes the same checks (a refusal is a crash loop)."""
+    from webhook.cli import COMMANDS
+
+    deployments = find(render(*extra), "Deployment")
+    assert len(deployments) == 2
+    for deployment in deployments:
+        (container,) = pod_spec(deployment)["containers"]
+        command = container["args"][0]
+        assert command in COMMANDS
+        environ = {k: v for k, v in env_of(container).items() if isinstance(v, str)}
+        prewarm_settings.load(environ={**environ, "PREWARM_NAMESPACE": NAMESPACE},
+                              command=command)
+
+
 # Values whose content is Kubernetes' own schema (documented by the key above them).
 PASS_THROUGH = {"resources", "nodeSelector", "podSecurityContext", "containerSecurityContext"}
 

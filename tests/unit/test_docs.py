@@ -21,6 +21,7 @@ def test_every_setting_is_in_the_readme_with_its_flag_and_default(field):
     row = next((line for line in README.splitlines() if line.startswith(f"| `{field.env}` |")), "")
     assert row, f"{field.env} missing from the README settings table"
     assert f"`{field.flag}`" in row and f"`{default}`" in row
+    assert row.split(" | ")[3] == ", ".join(field.commands), "commands column"
 
 
 def test_readme_leads_with_the_two_commands():

@@ -43,6 +43,7 @@ def test_environment_is_parsed_and_flags_win():
     ({"PREWARM_BACKFILL": "maybe"}, "PREWARM_BACKFILL"),
     ({"PREWARM_MAX_BYTES": "1048576"}, "PREWARM_MAX_BYTES must be at most 1040384"),
     ({"PREWARM_DAEMONSET": "prewarm-images-2"}, "may not end in -<digits>"),
+    ({"PREWARM_LOG_LEVEL": "verbose"}, "PREWARM_LOG_LEVEL='verbose': use one of DEBUG, INFO"),
     # an image in use would expire between two refreshes of its lastSeen (6h + 5m)
     ({"PREWARM_IMAGE_TTL": "1h"}, "PREWARM_IMAGE_TTL (3600s) must be longer than"),
     ({"PREWARM_IMAGE_TTL": "2h", "PREWARM_LAST_SEEN_REFRESH": "1h",
@@ -68,6 +69,20 @@ def test_a_failed_flush_keeps_the_whole_batch_for_the_next_attempt():
     assert flusher.flush() is None
     assert sorted(buffer.drain()) == ["a.io/x:1", "a.io/y:1"]
     assert flusher.last_error
+
+
+def test_each_command_reads_and_checks_only_the_settings_it_uses():
+    # the observer never expires images: its TTL is the reconciler's to check
+    environ = {"PREWARM_NAMESPACE": "pw", "PREWARM_IMAGE_TTL": "363m",
+               "PREWARM_RESYNC_PERIOD": "1m"}
+    assert load(environ={**environ, "PREWARM_RESYNC_PERIOD": "1h"}, command="serve")
+    assert load(environ=environ, command="reconcile").image_ttl == 363 * 60
+    with pytest.raises(SettingsError, match="PREWARM_IMAGE_TTL"):
+        load(environ={**environ, "PREWARM_RESYNC_PERIOD": "1h"}, command="reconcile")
+    # a value only another command reads does not stop this one
+    assert load(environ={"PREWARM_SHARD_SIZE": "zero"}, command="status")
+    with pytest.raises(SettingsError, match="PREWARM_SHARD_SIZE"):
+        load(environ={"PREWARM_SHARD_SIZE": "zero"}, command="render")
 
 
 def test_settings_module_has_one_entry_per_dataclass_field():
