@@ -8,16 +8,19 @@ from kubernetes import client
 
 from webhook.kube import api_client
 from webhook.settings import Settings
-from webhook.store import LearnedImagesStore
+from webhook.store import LearnedImagesStore, LearnedSet
 
 COLUMNS = ("IMAGE", "STATE", "SOURCE", "NAMESPACES", "WARM NODES", "LAST SEEN")
 
 
-def rows(settings: Settings, api: client.ApiClient | None = None) -> list[dict]:
+def read(settings: Settings, api: client.ApiClient | None = None) -> LearnedSet:
     store = LearnedImagesStore(client.CoreV1Api(api or api_client()),
                                namespace=settings.namespace, name=settings.configmap,
                                create_missing=False)
-    learned = store.read().learned
+    return store.read().learned
+
+
+def rows(learned: LearnedSet) -> list[dict]:
     result = []
     for record in sorted(learned.records.values(), key=lambda r: r.image):
         result.append({"image": record.image, "state": record.state, "source": record.source,
@@ -28,7 +31,8 @@ def rows(settings: Settings, api: client.ApiClient | None = None) -> list[dict]:
 
 
 def status(settings: Settings, *, output: str = "table", api: client.ApiClient | None = None) -> str:
-    data = rows(settings, api)
+    learned = read(settings, api)
+    data = rows(learned)
     if output == "json":
         return json.dumps(data, indent=2) + "\n"
     table = [COLUMNS] + [(r["image"], r["state"], r["source"],
@@ -38,4 +42,8 @@ def status(settings: Settings, *, output: str = "table", api: client.ApiClient |
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in table]
     lines.append(f"{len(data)} images in {settings.namespace}/{settings.configmap}")
+    if learned.unparsed:
+        lines.append(f"{len(learned.unparsed)} keys hold values that are not valid records "
+                     f"(kept, never pulled; fix or delete them): "
+                     f"{', '.join(sorted(learned.unparsed))}")
     return "\n".join(lines) + "\n"

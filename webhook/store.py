@@ -142,8 +142,8 @@ class LearnedSet:
                 record = Record.from_json(value)
                 record.image = images.normalize(record.image)
             except (ValueError, TypeError) as error:  # InvalidReference is a ValueError
-                logger.warning("learned-images key %s is not a valid record (%s); kept as is",
-                               key, error)
+                _warn_once(key, value, f"learned-images key {key} is not a valid record "
+                                       f"({error}); kept as is until it is fixed or deleted")
                 learned.unparsed[key] = value
                 continue
             if key == key_for(record.image):
@@ -153,6 +153,13 @@ class LearnedSet:
         learned.moved = len(elsewhere)
         for key, record in elsewhere:
             canonical = key_for(record.image)
+            if canonical in learned.unparsed:  # moving it there would overwrite a hand edit
+                _warn_once(key, data[key], f"learned-images key {key} holds {record.image}, "
+                                           f"whose key {canonical} holds a value that is not "
+                                           f"a valid record: both kept as they are")
+                learned.unparsed[key] = data[key]
+                learned.moved -= 1
+                continue
             logger.info("learned-images key %s holds %s: moved to its key %s", key,
                         record.image, canonical)
             if canonical in learned.records:
@@ -265,6 +272,10 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
     for image in sorted(observed, key=lambda i: observed[i].first):
         seen = observed[image]
         key = key_for(image)
+        if key in learned.unparsed:  # a hand edit gone wrong: never written over
+            result.refused.append((image, f"its key {key} in learned-images holds a value "
+                                          f"that is not a valid record (fix or delete it)"))
+            continue
         record = learned.records.get(key)
         if record is not None:
             if not needs_write(record, seen, refresh=settings.last_seen_refresh):
@@ -318,6 +329,20 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
         result.added.append(image)
         result.changed = True
     return result
+
+
+_WARNED: set[tuple[str, int]] = set()
+
+
+def _warn_once(key: str, value: str, message: str) -> None:
+    """Every read decodes the whole set (each flush, each pass): an unreadable value is
+    reported once per process while it stays the same, not at every read."""
+    if (key, hash(value)) in _WARNED:
+        return
+    if len(_WARNED) >= 10_000:
+        _WARNED.clear()
+    _WARNED.add((key, hash(value)))
+    logger.warning("%s", message)
 
 
 def _safe_time(text: str) -> float:

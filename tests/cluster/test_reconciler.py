@@ -329,6 +329,15 @@ def test_status_lists_images_with_state_and_warm_nodes(cluster, core, prewarm_ns
     assert any(line.startswith("docker.io/library/nginx:1.27") and "pending" in line
                and "team" in line for line in lines)
     assert lines[-1] == f"2 images in {prewarm_ns}/learned-images"
+    # a hand edit gone wrong is shown, not silently left out of the table
+    core.patch_namespaced_config_map("learned-images", prewarm_ns, {"data": {
+        "my-pin": '{"image": "ghcr.io/acme/tool:1", "namespaces": "ops"}'}})
+    table = subprocess.run(python_module("webhook", "status"), env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert table.stdout.splitlines()[-2:] == [
+        f"2 images in {prewarm_ns}/learned-images",
+        "1 keys hold values that are not valid records (kept, never pulled; fix or delete "
+        "them): my-pin"]
     as_json = subprocess.run(python_module("webhook", "status", "-o", "json"), env=env,
                              capture_output=True, text=True, timeout=60)
     assert {r["image"] for r in json.loads(as_json.stdout)} == {

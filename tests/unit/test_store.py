@@ -227,6 +227,27 @@ def test_records_of_the_wrong_shape_are_kept_verbatim_not_misread(value):
     assert learned.encode()["k"] == value
 
 
+def test_an_unreadable_value_at_an_images_own_key_is_never_written_over(caplog):
+    """A hand edit of a pinned record gone wrong (a string for the namespace list): the
+    value stays as the operator left it, the image is refused with the reason, a record
+    moved from another key does not land on it either, and the warning comes once."""
+    image = "ghcr.io/acme/pinned:1"
+    broken = json.dumps({"image": image, "namespaces": "ops", "source": "static"})
+    stray = json.dumps({"image": "ghcr.io/acme/pinned:1", "namespaces": ["dev"]})
+    data = {key_for(image): broken, "my-pin": stray}
+    with caplog.at_level("WARNING", logger="webhook.store"):
+        for _ in range(3):  # every flush and every pass reads the set
+            learned = LearnedSet.decode(data)
+    result = merge(learned, {image: seen("team")}, source="admission", settings=Settings())
+    assert result.added == [] and result.changed is False
+    assert result.refused == [(image, f"its key {key_for(image)} in learned-images holds a "
+                                      f"value that is not a valid record (fix or delete it)")]
+    assert learned.encode() == data and learned.moved == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "webhook.store"]
+    assert len(warnings) == 2, warnings  # one per key, not one per read
+    assert "not a valid record" in warnings[0] and "both kept" in warnings[1]
+
+
 def test_an_observation_keeps_the_earliest_and_latest_time_whatever_the_order():
     # request threads take the time before the buffer's lock, so adds can come out of order
     observation = Observation()
