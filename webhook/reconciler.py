@@ -61,6 +61,8 @@ class PassResult:
     backfilled: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     failing: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # backfill over a cap
+    unlisted: list[str] = field(default_factory=list)  # new namespaces not listed (bytes)
 
     @property
     def outcome(self) -> str:
@@ -142,7 +144,8 @@ class Reconciler:
             pull_failures = failed_pulls(prepuller_pods, containers)
             changed = bool(learned.moved)  # records added by hand, moved to their keys
             merged = merge(learned, observed, source="backfill", settings=self.settings)
-            result.backfilled = merged.added
+            result.backfilled, result.refused = merged.added, merged.refused
+            result.unlisted = merged.unlisted
             changed |= merged.changed
             changed |= bool(stamp_last_seen(learned, now=now))
             result.expired = expire(learned, now=now, ttl=self.settings.image_ttl)
@@ -177,6 +180,14 @@ class Reconciler:
         if result.backfilled:
             metrics.IMAGES_LEARNED.labels("backfill").inc(len(result.backfilled))
             logger.info("backfill learned %d images", len(result.backfilled))
+        if result.refused:
+            metrics.IMAGES_REFUSED.inc(len(result.refused))
+            logger.warning("backfill could not record %d images: %s (first: %s)",
+                           len(result.refused), result.refused[0][1], result.refused[0][0])
+        if result.unlisted:
+            logger.warning("%d known images run in new namespaces that learned-images has "
+                           "no room to list (PREWARM_MAX_BYTES; first: %s)",
+                           len(result.unlisted), result.unlisted[0])
         if result.expired:
             logger.info("expired %d images not seen for %.0fs", len(result.expired),
                         self.settings.image_ttl)

@@ -200,6 +200,28 @@ def test_pods_that_existed_before_the_reconciler_are_backfilled(cluster, core, p
     assert "backfill.example.com/unlabelled:1" not in learned
 
 
+def test_images_backfill_cannot_record_are_logged_and_counted(cluster, core, prewarm_ns,
+                                                              namespace_factory, caplog):
+    from prometheus_client import REGISTRY
+
+    team = namespace_factory("crowded", {"prewarm.io/learn": "enabled"})
+    images = [f"capped.example.com/app-{i}:1" for i in range(3)]
+    core.create_namespaced_pod(team, {"metadata": {"name": "many"}, "spec": {
+        "containers": [{"name": f"c{i}", "image": image} for i, image in enumerate(images)]}})
+    refused_before = REGISTRY.get_sample_value("prewarm_images_refused_total") or 0.0
+    reconciler = Reconciler(settings_for(prewarm_ns, backfill=True, max_images_per_namespace=1),
+                            cluster.api_client())
+    with caplog.at_level("WARNING", logger="webhook.reconciler"):
+        result = reconciler.reconcile_once()
+    mine = {image: reason for image, reason in result.refused if image in images}
+    assert len(mine) == 2 and len(set(images) & set(result.backfilled)) == 1
+    assert all(reason.startswith("max images per namespace reached for " + team)
+               for reason in mine.values())
+    assert (REGISTRY.get_sample_value("prewarm_images_refused_total") or 0.0) \
+        >= refused_before + 2
+    assert any(r.getMessage().startswith("backfill could not record") for r in caplog.records)
+
+
 def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_backoff(
         cluster, core, apps, prewarm_ns):
     broken, good = "broken.example.com/missing:1", "docker.io/library/alpine:3.20"
