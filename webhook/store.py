@@ -421,6 +421,11 @@ class LearnedImagesStore:
         except ApiException as error:
             if error.status == 409:  # another writer created it first
                 return self.read()
+            if error.status == 403:  # the chart's Roles have no create: it pre-creates it
+                raise StoreUnavailable(
+                    f"ConfigMap {self.namespace}/{self.name} is missing and this identity may "
+                    f"not create it ({_server_message(error)}): `helm upgrade` restores it "
+                    f"(or create it by hand); images are kept until it exists") from error
             raise StoreUnavailable(self._describe(error, "create")) from error
         except Exception as error:
             raise StoreUnavailable(f"creating ConfigMap {self.namespace}/{self.name}: "
@@ -430,11 +435,12 @@ class LearnedImagesStore:
     def _describe(self, error: ApiException, verb: str) -> str:
         hint = ""
         if error.status == 404:
-            hint = " (it is missing; the Helm chart pre-creates it)"
+            hint = (" (not there: check --namespace / PREWARM_NAMESPACE; the Helm chart "
+                    "creates it in the release's namespace)")
         elif error.status == 403:
             hint = " (forbidden: check the ServiceAccount's Role)"
         return (f"cannot {verb} ConfigMap {self.namespace}/{self.name}: HTTP {error.status} "
-                f"{error.reason}{hint}")
+                f"{error.reason}{hint}: {_server_message(error)}")
 
     def update(self, mutate: Callable[[LearnedSet], bool], *, attempts: int = 50) -> Snapshot:
         """Read-modify-write: `mutate` changes the set in place and returns whether it
@@ -474,6 +480,17 @@ class LearnedImagesStore:
             return Snapshot(LearnedSet.decode(written.data), written.metadata.resource_version)
         raise StoreUnavailable(f"ConfigMap {self.namespace}/{self.name}: still conflicting "
                                f"after {attempts} attempts")
+
+
+def _server_message(error: ApiException, limit: int = 300) -> str:
+    """The API server's own explanation (the Status message: which user was refused
+    which verb, which field is invalid), cut to `limit` characters."""
+    try:
+        message = json.loads(error.body or "{}").get("message") or ""
+    except (ValueError, AttributeError, TypeError):
+        message = str(error.body or "")
+    message = " ".join(str(message).split()) or str(error.reason or "no message")
+    return message if len(message) <= limit else message[:limit - 3] + "..."
 
 
 def merge_patch(before: Mapping[str, str], after: Mapping[str, str],

@@ -163,6 +163,24 @@ def test_chart_identities_can_do_their_job_and_nothing_else(cluster, core, crds)
         refused(lambda: reconciler.patch_namespaced_config_map("other-config", namespace, patch))
         refused(lambda: reconciler.delete_namespaced_pod("anything", namespace))
         refused(lambda: client.AppsV1Api(api).list_deployment_for_all_namespaces())
+
+        # the errors an operator reads name the cause, in the API server's words
+        from webhook.store import LearnedImagesStore, StoreUnavailable
+
+        other = LearnedImagesStore(observer, namespace=namespace, name="other-config")
+        with pytest.raises(StoreUnavailable) as error:
+            other.read()
+        assert f"cannot read ConfigMap {namespace}/other-config: HTTP 403" in str(error.value)
+        assert f'User "system:serviceaccount:{namespace}:{observer_sa}" cannot get resource ' \
+               f'"configmaps"' in str(error.value)
+        core.delete_namespaced_config_map("learned-images", namespace)  # by hand
+        for identity in (observer, reconciler):
+            store = LearnedImagesStore(identity, namespace=namespace, name="learned-images")
+            with pytest.raises(StoreUnavailable) as error:
+                store.read()
+            assert f"ConfigMap {namespace}/learned-images is missing and this identity may " \
+                   f"not create it" in str(error.value)
+            assert "`helm upgrade` restores it" in str(error.value)
     finally:
         cleanup(cluster, core, namespace, docs)
 

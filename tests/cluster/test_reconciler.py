@@ -360,6 +360,11 @@ def test_status_lists_images_with_state_and_warm_nodes(cluster, core, prewarm_ns
         f"2 images in {prewarm_ns}/learned-images",
         "1 keys hold values that are not valid records (kept, never pulled; fix or delete "
         "them): my-pin"]
+    elsewhere = subprocess.run(python_module("webhook", "status", "--namespace", "default"),
+                               env=env, capture_output=True, text=True, timeout=60)
+    assert elsewhere.returncode == 1 and "Traceback" not in elsewhere.stderr
+    assert "cannot read ConfigMap default/learned-images: HTTP 404" in elsewhere.stderr
+    assert "check --namespace / PREWARM_NAMESPACE" in elsewhere.stderr
     as_json = subprocess.run(python_module("webhook", "status", "-o", "json"), env=env,
                              capture_output=True, text=True, timeout=60)
     assert {r["image"] for r in json.loads(as_json.stdout)} == {
