@@ -188,6 +188,26 @@ def test_every_deployment_accepts_the_settings_the_chart_gives_it(extra: tuple[s
                               command=command)
 
 
+@pytest.mark.parametrize("mode,secrets", [("job", "prewarm-tls"),
+                                          ("cert-manager", "prewarm-tls prewarm-ca")])
+def test_notes_name_every_secret_uninstall_leaves(mode: str, secrets: str, tmp_path) -> None:
+    """cert-manager keeps a Certificate's Secret when the Certificate goes (unless it runs
+    with --enable-certificate-owner-ref): the clean-up NOTES prints must name both."""
+    import shutil
+
+    chart = tmp_path / "prewarm"
+    shutil.copytree(CHART, chart)
+    # helm template does not print NOTES.txt: a template of ours renders it into a value
+    (chart / "templates" / "NOTES.txt").rename(chart / "notes.txt")
+    (chart / "templates" / "notes.yaml").write_text(
+        'notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    result = run_helm("template", RELEASE, str(chart), "--namespace", NAMESPACE,
+                      "--set", f"certs.mode={mode}", "--show-only", "templates/notes.yaml")
+    assert result.returncode == 0, result.stderr
+    notes = yaml.safe_load(result.stdout)["notes"]
+    assert f"kubectl delete secret {secrets} -n {NAMESPACE}" in notes, notes
+
+
 # Values whose content is Kubernetes' own schema (documented by the key above them).
 PASS_THROUGH = {"resources", "nodeSelector", "podSecurityContext", "containerSecurityContext"}
 
