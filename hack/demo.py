@@ -88,7 +88,12 @@ def _interrupt(*_args) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m hack.demo", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     # SIGTERM (a CI timeout, `kill`) must run the cleanup below like Ctrl-C does: the
     # control plane and the Prewarm processes run in sessions of their own and would
     # otherwise outlive the demo

@@ -43,3 +43,11 @@ def test_bad_setting_value_is_a_clear_error_not_a_traceback():
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "--shard-size='zero'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("module", ["hack.demo", "bench", "hack.controlplane", "certs"])
+def test_help_of_every_entry_point_explains_without_starting_anything(module):
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ") and "etcd" not in result.stderr
