@@ -40,7 +40,8 @@ API_WRITES = Counter("prewarm_api_writes_total", "writes to the Kubernetes API",
 FLUSHES = Counter("prewarm_flushes_total", "flushes of the observer buffer", ["result"])
 BUFFERED = Gauge("prewarm_buffered_images", "images waiting to be written",
                  multiprocess_mode="livesum")
-RECONCILES = Counter("prewarm_reconciles_total", "reconcile passes, by DaemonSet outcome",
+RECONCILES = Counter("prewarm_reconciles_total", "reconcile passes, by DaemonSet outcome "
+                     "(created, updated, unchanged) or error",
                      ["outcome"])
 
 

@@ -438,6 +438,52 @@ class LeaseElector:
 
 # -- the loop ---------------------------------------------------------------------------
 
+MAX_RETRY_DELAY = 60.0
+
+
+class Schedule:
+    """When the leader's next pass is due (monotonic seconds): on a trigger (a change of
+    learned-images, a new leadership), every status interval, and a full pass (with
+    backfill) every resync period. After a failed pass the next waits 2 s, doubling up
+    to MAX_RETRY_DELAY, whatever triggers it: a lasting failure (403, an invalid
+    learned-images) must not repeat its LISTs and its warning every few seconds."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.last_full = self.last_status = -math.inf  # the first pass is a full one
+        self.failures = 0
+        self.retry_at = -math.inf
+
+    def restart(self) -> None:
+        """A new leadership starts with a full pass, now."""
+        self.last_full, self.retry_at = -math.inf, -math.inf
+
+    def backing_off(self, now: float) -> bool:
+        return now < self.retry_at
+
+    def due(self, now: float, triggered: bool) -> bool:
+        if self.backing_off(now):
+            return False
+        return (triggered or self.full(now)
+                or now - self.last_status >= self.settings.status_interval)
+
+    def full(self, now: float) -> bool:
+        return now - self.last_full >= self.settings.resync_period
+
+    def succeeded(self, now: float, *, full: bool) -> None:
+        self.failures, self.retry_at = 0, -math.inf
+        self.last_status = now
+        if full:
+            self.last_full = now
+
+    def failed(self, now: float) -> float:
+        """Records a failure; returns the seconds until the next attempt."""
+        self.failures += 1
+        delay = min(MAX_RETRY_DELAY, 2.0 * 2 ** min(self.failures - 1, 16))
+        self.retry_at = now + delay
+        return delay
+
+
 class _Health(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         if self.path == "/metrics":
@@ -525,7 +571,7 @@ def run(settings: Settings, *, once: bool = False) -> int:
         reconciler.pod_images = PodImages(reconciler.core, reconciler.filter)
         threading.Thread(target=reconciler.pod_images.run, args=(stop,), daemon=True,
                          name="watch-pods").start()
-    last_full = last_status = -math.inf  # the first pass as leader is a full one
+    schedule = Schedule(settings)
 
     def terminate(*_args) -> None:  # a pod is stopped with SIGTERM
         raise KeyboardInterrupt
@@ -533,31 +579,33 @@ def run(settings: Settings, *, once: bool = False) -> int:
     signal.signal(signal.SIGTERM, terminate)
     try:
         while True:
-            trigger.wait(1.0)
+            if schedule.backing_off(time.monotonic()):
+                stop.wait(1.0)  # a trigger meanwhile stays set, for when the wait is over
+            else:
+                trigger.wait(1.0)
             if not elector.is_leader():
                 trigger.clear()  # standby: the leader acts on changes
                 continue
             now = time.monotonic()
             if became_leader.is_set():
                 became_leader.clear()
-                last_full = -math.inf
-            full = now - last_full >= settings.resync_period
-            # prepuller pods change state without learned-images changing: look at
-            # them every status interval even when nothing else happens
-            due = trigger.is_set() or full or now - last_status >= settings.status_interval
-            if not due:
+                schedule.restart()
+            # prepuller pods change state without learned-images changing: a pass is
+            # due every status interval even when nothing else happens
+            if not schedule.due(now, trigger.is_set()):
                 continue
             trigger.clear()
+            full = schedule.full(now)
             try:
                 result = reconciler.reconcile_once(backfill=settings.backfill and full)
-                last_status = now
-                if full:
-                    last_full = now
+                schedule.succeeded(now, full=full)
                 if result.outcome != "unchanged" or full:
                     logger.info("reconciled: %s", result.daemonsets)
             except Exception as error:
-                logger.warning("reconcile pass failed, retrying: %s", error)
-                stop.wait(2)
+                metrics.RECONCILES.labels("error").inc()
+                delay = schedule.failed(now)
+                logger.warning("reconcile pass failed (%d in a row), next attempt in %.0fs: "
+                               "%s", schedule.failures, delay, error)
     except KeyboardInterrupt:
         stop.set()
         elector.stop()

@@ -433,6 +433,39 @@ def pod_lists(cluster) -> float:
                             'verb="LIST"', 'scope="namespace"')
 
 
+def test_a_pass_that_keeps_failing_is_retried_ever_less_often_and_counted(
+        cluster, core, prewarm_ns, tmp_path):
+    """learned-images made immutable by hand: every pass must write (the new image's
+    shard) and gets 422. The reconciler says so with the API server's reason, waits 2 s,
+    then 4 s, ... between attempts, and counts each failure."""
+    from hack.controlplane import free_port
+
+    learn(cluster, prewarm_ns, ["immutable.example.com/app:1"], settings_for(prewarm_ns))
+    core.patch_namespaced_config_map("learned-images", prewarm_ns, {"immutable": True})
+    port = free_port()
+    env = python_env(KUBECONFIG=str(cluster.kubeconfig), PREWARM_NAMESPACE=prewarm_ns,
+                     PREWARM_HELPER_IMAGE="ghcr.io/prewarm/prewarm:test",
+                     PREWARM_HEALTH_PORT=str(port), PREWARM_BACKFILL="false",
+                     PREWARM_STATUS_INTERVAL="1s")
+    process = Process(python_module("webhook", "reconcile"), env, tmp_path / "reconciler.log")
+    try:
+        log = eventually("a third failed pass", lambda: (lambda out: out if
+                         "(3 in a row)" in out else None)(process.output()), timeout=90)
+        failures = [line for line in log.splitlines() if "reconcile pass failed" in line]
+        assert [line.split("next attempt in ")[1].split("s:")[0] for line in failures[:3]] \
+            == ["2", "4", "8"]
+        assert "field is immutable when `immutable` is set" in failures[0]
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            scrape = page.read().decode()
+        assert any(line.startswith('prewarm_reconciles_total{outcome="error"} ') and
+                   float(line.split()[-1]) >= 3 for line in scrape.splitlines()), scrape
+    finally:
+        process.stop()
+        core.delete_namespaced_config_map("learned-images", prewarm_ns)
+
+
 def test_a_stopped_leader_releases_its_lease(cluster, prewarm_ns, tmp_path):
     env = python_env(KUBECONFIG=str(cluster.kubeconfig), PREWARM_NAMESPACE=prewarm_ns,
                      PREWARM_HELPER_IMAGE="ghcr.io/prewarm/prewarm:test",
