@@ -32,6 +32,7 @@ DAEMONSET_LABEL = "prewarm.io/daemonset"
 HASH_ANNOTATION = "prewarm.io/template-hash"
 IMAGE_COUNT_ANNOTATION = "prewarm.io/images"
 HELPER_VOLUME, HELPER_DIR = "prewarm-bin", "/prewarm-bin"
+HELPER_CONTAINER = "prewarm-helper"  # the first initContainer: copies the no-op helper
 HELPER_BINARY = f"{HELPER_DIR}/noop"
 # Small enough to fit any LimitRange, non-zero so a ResourceQuota namespace accepts it.
 PULL_RESOURCES = {"requests": {"cpu": "1m", "memory": "8Mi"},
@@ -157,7 +158,7 @@ def desired_daemonset(shard: Shard, settings: Settings) -> dict[str, Any]:
     own = labels if shard.index else selector_labels(shard.name)
     mount = {"name": HELPER_VOLUME, "mountPath": HELPER_DIR}
     init_containers: list[dict[str, Any]] = [{
-        "name": "prewarm-helper",
+        "name": HELPER_CONTAINER,
         "image": settings.helper_image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["cp", settings.helper_path, HELPER_BINARY],

@@ -40,6 +40,9 @@ API_WRITES = Counter("prewarm_api_writes_total", "writes to the Kubernetes API",
 FLUSHES = Counter("prewarm_flushes_total", "flushes of the observer buffer", ["result"])
 BUFFERED = Gauge("prewarm_buffered_images", "images waiting to be written",
                  multiprocess_mode="livesum")
+HELPER_FAILING = Gauge("prewarm_prepuller_helper_failing", "prepuller pods whose helper "
+                       "container (from Prewarm's own image) cannot start, as of the last "
+                       "pass: nothing is pulled on their nodes", multiprocess_mode="max")
 RECONCILES = Counter("prewarm_reconciles_total", "reconcile passes, by DaemonSet outcome "
                      "(created, updated, unchanged) or error",
                      ["outcome"])

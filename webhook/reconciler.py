@@ -62,6 +62,7 @@ class PassResult:
     expired: list[str] = field(default_factory=list)
     failing: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)  # backfill over a cap
+    helper_failing: dict[str, str] = field(default_factory=dict)  # node -> reason
     unlisted: list[str] = field(default_factory=list)  # new namespaces not listed (bytes)
 
     @property
@@ -136,6 +137,15 @@ class Reconciler:
             self.settings.backfill if backfill is None else backfill) else {}
         live = self.live_daemonsets()
         prepuller_pods = self.prepuller_pods()
+        result.helper_failing = helper_failures(prepuller_pods)
+        metrics.HELPER_FAILING.set(len(result.helper_failing))
+        if result.helper_failing:
+            node, reason = next(iter(sorted(result.helper_failing.items())))
+            logger.warning(
+                "%d prepuller pods cannot run Prewarm's helper from %s (first: %s on %s): "
+                "no image gets warm there; check the image and its pull secrets "
+                "(PREWARM_IMAGE_PULL_SECRETS, chart prepuller.imagePullSecrets)",
+                len(result.helper_failing), self.settings.helper_image, reason, node)
 
         def prepare(learned: LearnedSet) -> bool:
             self._check_leader()  # again on every retry after a conflict
@@ -296,6 +306,21 @@ def failed_pulls(pods: list[dict[str, Any]], containers: dict[str, str]) -> dict
             image = containers.get(status.get("name", ""))
             if image and waiting.get("reason") in FAILURE_REASONS:
                 failures[image] = waiting["reason"]
+    return failures
+
+
+def helper_failures(pods: list[dict[str, Any]]) -> dict[str, str]:
+    """node (or pod) -> reason, for prepuller pods whose first initContainer (the helper
+    from Prewarm's own image) waits with a failure: no pull after it can run there."""
+    failures: dict[str, str] = {}
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if status.get("name") == daemonset.HELPER_CONTAINER and \
+                    waiting.get("reason") in FAILURE_REASONS:
+                where = (pod.get("spec") or {}).get("nodeName") or \
+                    (pod.get("metadata") or {}).get("name", "?")
+                failures[where] = waiting["reason"]
     return failures
 
 

@@ -274,6 +274,44 @@ def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_bac
     assert not learned_images(core, prewarm_ns)[broken]["state"].startswith("failing")
 
 
+def test_a_helper_that_cannot_start_is_reported_with_its_node(cluster, core, prewarm_ns,
+                                                              caplog):
+    """Prewarm's own image cannot be pulled on a node (a private registry without pull
+    secrets): every pull after the helper waits for ever, and no image's state says
+    why. The pass names the node and the reason, and the gauge counts the pods."""
+    from prometheus_client import REGISTRY
+
+    settings = settings_for(prewarm_ns)
+    learn(cluster, prewarm_ns, ["docker.io/library/alpine:3.20"], settings)
+    reconciler = Reconciler(settings, cluster.api_client())
+    reconciler.reconcile_once()
+    victim = eventually("a Running prepuller pod", lambda: next(
+        (p for p in pods_of(core, prewarm_ns, "prewarm-images") if p.status.phase == "Running"),
+        None), timeout=60)
+    core.patch_namespaced_pod(victim.metadata.name, prewarm_ns, {"metadata": {
+        "annotations": {"kwok.x-k8s.io/status": "custom"}}})
+    statuses = [{"name": c.name, "image": c.image, "ready": False, "restartCount": 0,
+                 "state": {"waiting": {"reason": "ImagePullBackOff" if c.name == daemonset.
+                                       HELPER_CONTAINER else "PodInitializing"}}}
+                for c in victim.spec.init_containers]
+
+    def stuck() -> bool:
+        core.patch_namespaced_pod_status(victim.metadata.name, prewarm_ns, {
+            "status": {"initContainerStatuses": statuses}})
+        pod = core.read_namespaced_pod(victim.metadata.name, prewarm_ns)
+        return any(s.state.waiting and s.state.waiting.reason == "ImagePullBackOff"
+                   for s in pod.status.init_container_statuses or [])
+
+    eventually("the simulated helper failure in the pod's status", stuck, timeout=30)
+    with caplog.at_level("WARNING", logger="webhook.reconciler"):
+        result = reconciler.reconcile_once()
+    assert result.helper_failing == {victim.spec.node_name: "ImagePullBackOff"}
+    assert result.failing == []  # no learned image is to blame
+    assert REGISTRY.get_sample_value("prewarm_prepuller_helper_failing") == 1
+    assert any(f"ImagePullBackOff on {victim.spec.node_name}" in r.getMessage() and
+               "ghcr.io/prewarm/prewarm:test" in r.getMessage() for r in caplog.records)
+
+
 def test_reconcile_once_cli_reports_and_exits_zero(cluster, core, prewarm_ns, tmp_path):
     settings = settings_for(prewarm_ns)
     learn(cluster, prewarm_ns, ["quay.io/prometheus/node-exporter:v1.8.0"], settings)
