@@ -22,6 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping
 
@@ -447,8 +449,10 @@ class LearnedImagesStore:
         changed anything; on 409 the fresh object is read and `mutate` runs again. Returns
         the snapshot as written (or as read, when nothing changed)."""
         current: Snapshot | None = None
-        for _ in range(attempts):
+        for attempt in range(attempts):
             if current is None:
+                if attempt:
+                    time.sleep(conflict_delay(attempt))
                 current = self.read()
             before = current.learned.raw
             if not mutate(current.learned):
@@ -480,6 +484,14 @@ class LearnedImagesStore:
             return Snapshot(LearnedSet.decode(written.data), written.metadata.resource_version)
         raise StoreUnavailable(f"ConfigMap {self.namespace}/{self.name}: still conflicting "
                                f"after {attempts} attempts")
+
+
+def conflict_delay(conflicts: int, *, rng: random.Random | None = None) -> float:
+    """Seconds to wait before reading again after the `conflicts`-th 409 in a row: random
+    (writers that collided must not collide again in step), within a window doubling
+    from 10 ms up to 0.5 s, so a burst of replicas x workers spreads out instead of each
+    re-reading the whole ConfigMap (up to 1 MiB) at once, dozens of times."""
+    return (rng or random).uniform(0, min(0.5, 0.01 * 2 ** min(conflicts - 1, 16)))
 
 
 def _server_message(error: ApiException, limit: int = 300) -> str:

@@ -303,3 +303,17 @@ def test_a_hand_pin_as_static_survives_being_combined_with_a_learned_record():
     (record,) = learned.records.values()
     assert record.source == "static" and learned.moved == 1
     assert expire(learned, now=T0 + 10**9, ttl=3600) == []
+
+
+def test_writers_that_collided_wait_a_random_growing_while_before_reading_again():
+    import random
+
+    from webhook.store import conflict_delay
+
+    rng = random.Random(7)
+    windows = {n: max(conflict_delay(n, rng=rng) for _ in range(2000)) for n in (1, 2, 4, 7, 50)}
+    # the window doubles from 10 ms and stops at half a second
+    assert 0.009 < windows[1] <= 0.01 and 0.019 < windows[2] <= 0.02
+    assert 0.079 < windows[4] <= 0.08 and 0.49 < windows[7] <= 0.5 and windows[50] <= 0.5
+    # two writers that collided do not come back in step
+    assert len({round(conflict_delay(3, rng=rng), 6) for _ in range(100)}) > 95
