@@ -55,6 +55,9 @@ DATA_LIMIT = MAX_BYTES_CEILING  # 1 MiB less 8 KiB, defined with the setting it 
 # merge() charges it up front, so a registry outage (every image failing at once) cannot
 # push a set that was under the cap over what the API server takes.
 RECONCILER_RESERVE = 80
+# Writers' clocks (observer replicas, the reconciler) may disagree this much; a time
+# further ahead than this is taken for a mistake (see stamp_last_seen).
+MAX_CLOCK_SKEW = 300.0
 
 
 def rfc3339(timestamp: float) -> str:
@@ -63,8 +66,18 @@ def rfc3339(timestamp: float) -> str:
 
 
 def parse_time(text: str) -> float:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=dt.timezone.utc).timestamp()
+    """An RFC 3339 time: ours (`2026-11-21T10:00:00Z`, the fast path) or any other
+    spelling a hand edit may use (fractions, `+00:00`, another offset)."""
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=dt.timezone.utc).timestamp()
+    except ValueError:
+        if "T" not in text.upper():
+            raise
+        parsed = dt.datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            raise ValueError(f"time {text!r} has no offset (RFC 3339 needs Z or +hh:mm)")
+        return parsed.timestamp()
 
 
 def key_for(image: str) -> str:
@@ -368,13 +381,19 @@ def expire(learned: LearnedSet, *, now: float, ttl: float,
 
 def stamp_last_seen(learned: LearnedSet, *, now: float) -> list[str]:
     """Gives records without a readable lastSeen (or firstSeen) the time `now`, so that
-    their TTL starts counting instead of expiring them at once. Returns their images."""
+    their TTL starts counting instead of expiring them at once; and brings times ahead
+    of `now` (beyond MAX_CLOCK_SKEW: a hand edit, a writer's clock far ahead) back to
+    it, or the image would never expire and later sightings would never refresh it.
+    Returns their images."""
     stamped = []
+    latest = now + MAX_CLOCK_SKEW
     for record in learned.records.values():
-        if not _safe_time(record.last_seen) or not _safe_time(record.first_seen):
-            record.last_seen = record.last_seen if _safe_time(record.last_seen) else rfc3339(now)
-            record.first_seen = record.first_seen if _safe_time(record.first_seen) \
-                else record.last_seen
+        before = (record.last_seen, record.first_seen)
+        if not 0 < _safe_time(record.last_seen) <= latest:
+            record.last_seen = rfc3339(now)
+        if not 0 < _safe_time(record.first_seen) <= latest:
+            record.first_seen = record.last_seen
+        if (record.last_seen, record.first_seen) != before:
             stamped.append(record.image)
     return stamped
 

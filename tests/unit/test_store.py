@@ -293,6 +293,41 @@ def test_a_record_without_times_starts_its_ttl_instead_of_expiring_at_once():
     assert expire(learned, now=T0 + 3601, ttl=3600) == ["ghcr.io/acme/tool:1"]
 
 
+def test_a_time_far_ahead_is_brought_back_so_the_image_can_expire_and_be_refreshed():
+    from webhook.store import MAX_CLOCK_SKEW, stamp_last_seen
+
+    ahead = json.dumps({"image": "ghcr.io/acme/tool:1", "firstSeen": "2036-01-01T00:00:00Z",
+                        "lastSeen": "2036-01-01T00:00:00Z"})
+    close = json.dumps({"image": "ghcr.io/acme/other:1", "firstSeen": rfc3339(T0),
+                        "lastSeen": rfc3339(T0 + MAX_CLOCK_SKEW)})  # a clock a bit fast
+    learned = LearnedSet.decode({"a": ahead, "b": close})
+    assert stamp_last_seen(learned, now=T0) == ["ghcr.io/acme/tool:1"]
+    record = learned.get("ghcr.io/acme/tool:1")
+    assert record.last_seen == record.first_seen == rfc3339(T0)
+    assert learned.get("ghcr.io/acme/other:1").last_seen == rfc3339(T0 + MAX_CLOCK_SKEW)
+    # sightings refresh it again, and it expires a TTL after the last one
+    merge(learned, {"ghcr.io/acme/tool:1": seen("ns", at=T0 + 7 * 3600)},
+          source="admission", settings=Settings())
+    assert record.last_seen == rfc3339(T0 + 7 * 3600)
+    assert "ghcr.io/acme/tool:1" in expire(learned, now=T0 + 7 * 3600 + 86401, ttl=86400)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-11-21T10:00:00Z", "2026-11-21T10:00:00Z"),
+    ("2026-11-21T10:00:00.5Z", "2026-11-21T10:00:00Z"),
+    ("2026-11-21T10:00:00+00:00", "2026-11-21T10:00:00Z"),
+    ("2026-11-21T12:00:00+02:00", "2026-11-21T10:00:00Z"),
+])
+def test_any_rfc3339_spelling_of_a_time_is_read(text, expected):
+    assert rfc3339(parse_time(text)) == expected
+
+
+@pytest.mark.parametrize("text", ["2026-11-21", "2026-11-21T10:00:00", "yesterday", ""])
+def test_a_time_without_date_time_and_offset_is_not_read(text):
+    with pytest.raises(ValueError):
+        parse_time(text)
+
+
 def test_a_hand_pin_as_static_survives_being_combined_with_a_learned_record():
     canonical = "docker.io/library/nginx:1.27"
     learned_record = Record(image=canonical, namespaces=["team-a"], first_seen=rfc3339(T0),
