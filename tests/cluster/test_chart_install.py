@@ -156,7 +156,9 @@ def test_chart_identities_can_do_their_job_and_nothing_else(cluster, core, crds)
         assert reconciler.list_pod_for_all_namespaces(limit=1).kind == "PodList"
         assert [cm.metadata.name for cm in reconciler.list_namespaced_config_map(
             namespace, field_selector="metadata.name=learned-images").items] == ["learned-images"]
-        client.CoordinationV1Api(api).patch_namespaced_lease(lease, namespace, patch)
+        leases = client.CoordinationV1Api(api)
+        leases.replace_namespaced_lease(lease, namespace,
+                                        leases.read_namespaced_lease(lease, namespace))
         client.AppsV1Api(api).patch_namespaced_daemon_set("prewarm-images", namespace, patch)
         refused(lambda: reconciler.read_namespaced_secret("tenant-secret", namespace))
         refused(lambda: reconciler.list_secret_for_all_namespaces())
