@@ -385,7 +385,9 @@ class LeaseElector:
         try:
             if lease is None:
                 body = client.V1Lease(
-                    metadata=client.V1ObjectMeta(name=name, namespace=namespace),
+                    metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels={
+                        "app.kubernetes.io/name": "prewarm", **daemonset.MANAGED_BY,
+                        "app.kubernetes.io/component": "reconciler"}),
                     spec=client.V1LeaseSpec(holder_identity=self.identity,
                                             lease_duration_seconds=self.duration,
                                             acquire_time=now, renew_time=now,

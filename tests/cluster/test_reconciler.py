@@ -520,6 +520,10 @@ def test_a_stopped_leader_releases_its_lease(cluster, prewarm_ns, tmp_path):
 
     try:
         eventually("replica-x leading", lambda: holder() == "replica-x", timeout=60)
+        # created by the reconciler (no chart here), labelled as everything Prewarm creates
+        assert leases.read_namespaced_lease("prewarm-reconciler", prewarm_ns).metadata.labels \
+            == {"app.kubernetes.io/name": "prewarm", "app.kubernetes.io/managed-by": "prewarm",
+                "app.kubernetes.io/component": "reconciler"}
         process.stop(sig=15)
         assert process.popen.returncode == 0, process.output()[-2000:]
         assert holder() is None  # a standby can take over at once
