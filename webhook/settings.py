@@ -286,6 +286,15 @@ def _validate(settings: Settings, used: set[str] | None = None) -> None:
     for name in ("flush_interval", "resync_period", "status_interval", "lease_duration"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"PREWARM_{name.upper()} must be more than 0")
+    if settings.run_as_user < 1:
+        raise SettingsError("PREWARM_RUN_AS_USER must be a UID of at least 1: the pre-pull "
+                            "containers run as non-root (restricted Pod Security profile)")
+    if not re.fullmatch(r"[1-9][0-9]*|([1-9][0-9]?|100)%", settings.max_unavailable):
+        raise SettingsError(f"PREWARM_MAX_UNAVAILABLE={settings.max_unavailable!r}: use a "
+                            f"number of pods (at least 1) or a percentage from 1% to 100%")
+    for name, lowest in (("port", 1), ("health_port", 0)):
+        if not lowest <= getattr(settings, name) <= 65535:
+            raise SettingsError(f"PREWARM_{name.upper()} must be from {lowest} to 65535")
     if re.search(r"-[0-9]+$", settings.daemonset):
         raise SettingsError(
             f"PREWARM_DAEMONSET={settings.daemonset!r} may not end in -<digits>: its shards "

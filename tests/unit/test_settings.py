@@ -44,6 +44,12 @@ def test_environment_is_parsed_and_flags_win():
     ({"PREWARM_MAX_BYTES": "1048576"}, "PREWARM_MAX_BYTES must be at most 1040384"),
     ({"PREWARM_DAEMONSET": "prewarm-images-2"}, "may not end in -<digits>"),
     ({"PREWARM_LOG_LEVEL": "verbose"}, "PREWARM_LOG_LEVEL='verbose': use one of DEBUG, INFO"),
+    ({"PREWARM_RUN_AS_USER": "0"}, "PREWARM_RUN_AS_USER must be a UID of at least 1"),
+    ({"PREWARM_MAX_UNAVAILABLE": "0"}, "PREWARM_MAX_UNAVAILABLE='0'"),
+    ({"PREWARM_MAX_UNAVAILABLE": "0%"}, "a percentage from 1% to 100%"),
+    ({"PREWARM_MAX_UNAVAILABLE": "150%"}, "PREWARM_MAX_UNAVAILABLE='150%'"),
+    ({"PREWARM_MAX_UNAVAILABLE": "ten"}, "PREWARM_MAX_UNAVAILABLE='ten'"),
+    ({"PREWARM_PORT": "70000"}, "PREWARM_PORT must be from 1 to 65535"),
     # an image in use would expire between two refreshes of its lastSeen (6h + 5m)
     ({"PREWARM_IMAGE_TTL": "1h"}, "PREWARM_IMAGE_TTL (3600s) must be longer than"),
     ({"PREWARM_IMAGE_TTL": "2h", "PREWARM_LAST_SEEN_REFRESH": "1h",
