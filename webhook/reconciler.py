@@ -62,7 +62,7 @@ class PassResult:
     expired: list[str] = field(default_factory=list)
     failing: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)  # backfill over a cap
-    helper_failing: dict[str, str] = field(default_factory=dict)  # node -> reason
+    helper_failing: dict[str, tuple[str, str]] = field(default_factory=dict)  # pod -> (node, reason)
     unlisted: list[str] = field(default_factory=list)  # new namespaces not listed (bytes)
 
     @property
@@ -140,7 +140,7 @@ class Reconciler:
         result.helper_failing = helper_failures(prepuller_pods)
         metrics.HELPER_FAILING.set(len(result.helper_failing))
         if result.helper_failing:
-            node, reason = next(iter(sorted(result.helper_failing.items())))
+            node, reason = sorted(result.helper_failing.values())[0]
             logger.warning(
                 "%d prepuller pods cannot run Prewarm's helper from %s (first: %s on %s): "
                 "no image gets warm there; check the image and its pull secrets "
@@ -309,18 +309,18 @@ def failed_pulls(pods: list[dict[str, Any]], containers: dict[str, str]) -> dict
     return failures
 
 
-def helper_failures(pods: list[dict[str, Any]]) -> dict[str, str]:
-    """node (or pod) -> reason, for prepuller pods whose first initContainer (the helper
+def helper_failures(pods: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """pod -> (node, reason), for prepuller pods whose first initContainer (the helper
     from Prewarm's own image) waits with a failure: no pull after it can run there."""
-    failures: dict[str, str] = {}
+    failures: dict[str, tuple[str, str]] = {}
     for pod in pods:
         for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
             waiting = (status.get("state") or {}).get("waiting") or {}
             if status.get("name") == daemonset.HELPER_CONTAINER and \
                     waiting.get("reason") in FAILURE_REASONS:
-                where = (pod.get("spec") or {}).get("nodeName") or \
-                    (pod.get("metadata") or {}).get("name", "?")
-                failures[where] = waiting["reason"]
+                name = (pod.get("metadata") or {}).get("name", "?")
+                node = (pod.get("spec") or {}).get("nodeName") or "(no node)"
+                failures[name] = (node, waiting["reason"])
     return failures
 
 
@@ -482,8 +482,8 @@ class Schedule:
         self.retry_at = -math.inf
 
     def restart(self) -> None:
-        """A new leadership starts with a full pass, now."""
-        self.last_full, self.retry_at = -math.inf, -math.inf
+        """A new leadership starts afresh: a full pass, now."""
+        self.last_full, self.retry_at, self.failures = -math.inf, -math.inf, 0
 
     def backing_off(self, now: float) -> bool:
         return now < self.retry_at
@@ -563,6 +563,30 @@ def _watch_learned(reconciler: Reconciler, trigger: threading.Event,
             stop.wait(5)
 
 
+def attempt(reconciler: Reconciler, schedule: Schedule, *, now: float,
+            clock: Callable[[], float] = time.monotonic) -> PassResult | None:
+    """One pass of the leader's loop, started at `now`; a failure is logged, counted and
+    backed off from the moment it ended."""
+    full = schedule.full(now)
+    try:
+        result = reconciler.reconcile_once(backfill=reconciler.settings.backfill and full)
+    except NotLeader as error:  # not a failure: the new leader takes over
+        logger.info("%s", error)
+        return None
+    except Exception as error:
+        metrics.RECONCILES.labels("error").inc()
+        # from the end of the pass: a slow failure (a hung API server) must not be
+        # retried at once
+        delay = schedule.failed(clock())
+        logger.warning("reconcile pass failed (%d in a row), next attempt in %.0fs: %s",
+                       schedule.failures, delay, error)
+        return None
+    schedule.succeeded(now, full=full)
+    if result.outcome != "unchanged" or full:
+        logger.info("reconciled: %s", result.daemonsets)
+    return result
+
+
 def run(settings: Settings, *, once: bool = False) -> int:
     reconciler = Reconciler(settings)
     if once:
@@ -589,6 +613,8 @@ def run(settings: Settings, *, once: bool = False) -> int:
         if leading:
             became_leader.set()
             trigger.set()
+        else:  # the new leader's passes tell; a standby's last figure would go stale
+            metrics.HELPER_FAILING.set(0)
 
     threading.Thread(target=elector.run, args=(on_change,), daemon=True,
                      name="leader-election").start()
@@ -622,17 +648,7 @@ def run(settings: Settings, *, once: bool = False) -> int:
             if not schedule.due(now, trigger.is_set()):
                 continue
             trigger.clear()
-            full = schedule.full(now)
-            try:
-                result = reconciler.reconcile_once(backfill=settings.backfill and full)
-                schedule.succeeded(now, full=full)
-                if result.outcome != "unchanged" or full:
-                    logger.info("reconciled: %s", result.daemonsets)
-            except Exception as error:
-                metrics.RECONCILES.labels("error").inc()
-                delay = schedule.failed(now)
-                logger.warning("reconcile pass failed (%d in a row), next attempt in %.0fs: "
-                               "%s", schedule.failures, delay, error)
+            attempt(reconciler, schedule, now=now)
     except KeyboardInterrupt:
         stop.set()
         elector.stop()

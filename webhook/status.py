@@ -43,7 +43,7 @@ def status(settings: Settings, *, output: str = "table", api: client.ApiClient |
              for row in table]
     lines.append(f"{len(data)} images in {settings.namespace}/{settings.configmap}")
     if learned.unparsed:
-        lines.append(f"{len(learned.unparsed)} keys hold values that are not valid records "
-                     f"(kept, never pulled; fix or delete them): "
-                     f"{', '.join(sorted(learned.unparsed))}")
+        lines.append(f"{len(learned.unparsed)} keys hold values that are not valid records, "
+                     f"or records that cannot move to their key (kept, never pulled; fix "
+                     f"or delete them): {', '.join(sorted(learned.unparsed))}")
     return "\n".join(lines) + "\n"

@@ -305,7 +305,8 @@ def test_a_helper_that_cannot_start_is_reported_with_its_node(cluster, core, pre
     eventually("the simulated helper failure in the pod's status", stuck, timeout=30)
     with caplog.at_level("WARNING", logger="webhook.reconciler"):
         result = reconciler.reconcile_once()
-    assert result.helper_failing == {victim.spec.node_name: "ImagePullBackOff"}
+    assert result.helper_failing == {victim.metadata.name: (victim.spec.node_name,
+                                                            "ImagePullBackOff")}
     assert result.failing == []  # no learned image is to blame
     assert REGISTRY.get_sample_value("prewarm_prepuller_helper_failing") == 1
     assert any(f"ImagePullBackOff on {victim.spec.node_name}" in r.getMessage() and
@@ -396,8 +397,8 @@ def test_status_lists_images_with_state_and_warm_nodes(cluster, core, prewarm_ns
                            text=True, timeout=60)
     assert table.stdout.splitlines()[-2:] == [
         f"2 images in {prewarm_ns}/learned-images",
-        "1 keys hold values that are not valid records (kept, never pulled; fix or delete "
-        "them): my-pin"]
+        "1 keys hold values that are not valid records, or records that cannot move to their "
+        "key (kept, never pulled; fix or delete them): my-pin"]
     elsewhere = subprocess.run(python_module("webhook", "status", "--namespace", "default"),
                                env=env, capture_output=True, text=True, timeout=60)
     assert elsewhere.returncode == 1 and "Traceback" not in elsewhere.stderr

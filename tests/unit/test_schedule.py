@@ -46,3 +46,46 @@ def test_a_new_leadership_starts_with_a_full_pass_now():
     schedule.failed(5.0)
     schedule.restart()
     assert schedule.due(5.5, triggered=False) and schedule.full(5.5)
+
+
+class SlowReconciler:
+    """Stands in for a pass against an API server that takes `seconds` and then fails
+    with `error` (or succeeds when error is None)."""
+
+    def __init__(self, clock: list[float], seconds: float, error: Exception | None):
+        self.settings, self.clock, self.seconds, self.error = SETTINGS, clock, seconds, error
+
+    def reconcile_once(self, *, backfill: bool):
+        self.clock[0] += self.seconds
+        if self.error:
+            raise self.error
+        from webhook.reconciler import PassResult
+
+        return PassResult()
+
+
+def test_a_slow_failure_waits_from_when_it_ended_not_from_when_it_started():
+    from webhook.reconciler import attempt
+
+    clock = [100.0]
+    schedule = Schedule(SETTINGS)
+    slow = SlowReconciler(clock, 30.0, TimeoutError("read timed out"))
+    assert attempt(slow, schedule, now=100.0, clock=lambda: clock[0]) is None
+    assert schedule.retry_at == 132.0  # 130 + 2, not 102: retried at once
+    assert not schedule.due(131.0, triggered=True)
+
+
+def test_losing_leadership_mid_pass_is_no_failure():
+    from prometheus_client import REGISTRY
+
+    from webhook.reconciler import NotLeader, attempt
+
+    errors = lambda: REGISTRY.get_sample_value("prewarm_reconciles_total",  # noqa: E731
+                                               {"outcome": "error"}) or 0.0
+    before, clock, schedule = errors(), [0.0], Schedule(SETTINGS)
+    attempt(SlowReconciler(clock, 1.0, NotLeader("lost")), schedule, now=0.0,
+            clock=lambda: clock[0])
+    assert schedule.failures == 0 and errors() == before and schedule.due(1.0, triggered=True)
+    schedule.failed(5.0)
+    schedule.restart()  # leadership back: a failure after it waits 2 s again
+    assert schedule.failed(10.0) == 2.0
