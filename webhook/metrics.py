@@ -30,10 +30,12 @@ IMAGES_REJECTED = Counter("prewarm_images_rejected_total",
 IMAGES_FILTERED = Counter("prewarm_images_filtered_total",
                           "images left out by the allow/deny lists")
 IMAGES_REFUSED = Counter("prewarm_images_refused_total",
-                         "images not recorded because a cap of learned-images was reached")
+                         "images not recorded because a cap of learned-images was reached "
+                         "or their key holds a value that is not a valid record")
 IMAGES_DROPPED = Counter("prewarm_images_dropped_total",
                          "images dropped because the in-memory buffer was full while the "
-                         "API server was unreachable (backfill re-learns them)")
+                         "API server was unreachable, or not written by a stopping worker "
+                         "(backfill re-learns them)")
 IMAGES_LEARNED = Counter("prewarm_images_learned_total", "images added to learned-images",
                          ["source"])
 API_WRITES = Counter("prewarm_api_writes_total", "writes to the Kubernetes API", ["component"])

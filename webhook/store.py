@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping
@@ -60,6 +61,10 @@ RECONCILER_RESERVE = 80
 MAX_CLOCK_SKEW = 300.0
 
 
+OURS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # what rfc3339() writes
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
+
+
 def rfc3339(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(int(timestamp), dt.timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
@@ -72,12 +77,11 @@ def parse_time(text: str) -> float:
         return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(
             tzinfo=dt.timezone.utc).timestamp()
     except ValueError:
-        if "T" not in text.upper():
-            raise
-        parsed = dt.datetime.fromisoformat(text)
-        if parsed.tzinfo is None:
-            raise ValueError(f"time {text!r} has no offset (RFC 3339 needs Z or +hh:mm)")
-        return parsed.timestamp()
+        # fromisoformat alone would also take ISO 8601 forms RFC 3339 does not allow
+        # (week dates, no separators, no seconds, no offset)
+        if not RFC3339.fullmatch(text):
+            raise ValueError(f"not an RFC 3339 time: {text!r}") from None
+        return dt.datetime.fromisoformat(text.upper().replace("Z", "+00:00")).timestamp()
 
 
 def key_for(image: str) -> str:
@@ -381,18 +385,23 @@ def expire(learned: LearnedSet, *, now: float, ttl: float,
 
 def stamp_last_seen(learned: LearnedSet, *, now: float) -> list[str]:
     """Gives records without a readable lastSeen (or firstSeen) the time `now`, so that
-    their TTL starts counting instead of expiring them at once; and brings times ahead
-    of `now` (beyond MAX_CLOCK_SKEW: a hand edit, a writer's clock far ahead) back to
-    it, or the image would never expire and later sightings would never refresh it.
-    Returns their images."""
+    their TTL starts counting instead of expiring them at once; brings times ahead of
+    `now` (beyond MAX_CLOCK_SKEW: a hand edit, a writer's clock far ahead) back to it,
+    or the image would never expire and later sightings would never refresh it; and
+    rewrites other RFC 3339 spellings as ours. Returns the images changed."""
     stamped = []
     latest = now + MAX_CLOCK_SKEW
     for record in learned.records.values():
         before = (record.last_seen, record.first_seen)
-        if not 0 < _safe_time(record.last_seen) <= latest:
+        last, first = _safe_time(record.last_seen), _safe_time(record.first_seen)
+        if not 0 < last <= latest:
             record.last_seen = rfc3339(now)
-        if not 0 < _safe_time(record.first_seen) <= latest:
+        elif not OURS.fullmatch(record.last_seen):
+            record.last_seen = rfc3339(last)
+        if not 0 < first <= latest:
             record.first_seen = record.last_seen
+        elif not OURS.fullmatch(record.first_seen):  # the pull order sorts it as text
+            record.first_seen = rfc3339(first)
         if (record.last_seen, record.first_seen) != before:
             stamped.append(record.image)
     return stamped

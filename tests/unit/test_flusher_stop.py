@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from prometheus_client import REGISTRY
 
@@ -72,6 +73,10 @@ def test_a_write_that_finishes_in_time_is_followed_by_one_last_write_not_a_secon
     before = dropped()
     stopping = threading.Thread(target=lambda: setattr(store, "lost", flusher.stop(timeout=20)))
     stopping.start()
+    deadline = time.monotonic() + 10
+    while not flusher._stop.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)  # polled: the stop has begun before the API server answers
+    assert flusher._stop.is_set()
     store.gate.set()  # the API server answers
     stopping.join(30)
     assert store.lost == 0 and len(buffer) == 0 and dropped() == before

@@ -1,5 +1,5 @@
 """The pod cache's reading of a watch response (the watch itself runs against the real
-API server in tests/cluster/test_reconciler.py)."""
+API server in tests/cluster/test_podcache.py and tests/cluster/test_reconciler.py)."""
 
 from __future__ import annotations
 

@@ -227,7 +227,16 @@ def test_records_of_the_wrong_shape_are_kept_verbatim_not_misread(value):
     assert learned.encode()["k"] == value
 
 
-def test_an_unreadable_value_at_an_images_own_key_is_never_written_over(caplog):
+@pytest.fixture
+def fresh_warnings():
+    """The once-per-value warnings are remembered per process: start from none."""
+    from webhook import store
+
+    store._WARNED.clear()
+
+
+def test_an_unreadable_value_at_an_images_own_key_is_never_written_over(caplog,
+                                                                      fresh_warnings):
     """A hand edit of a pinned record gone wrong (a string for the namespace list): the
     value stays as the operator left it, the image is refused with the reason, a record
     moved from another key does not land on it either, and the warning comes once."""
@@ -317,12 +326,27 @@ def test_a_time_far_ahead_is_brought_back_so_the_image_can_expire_and_be_refresh
     ("2026-11-21T10:00:00.5Z", "2026-11-21T10:00:00Z"),
     ("2026-11-21T10:00:00+00:00", "2026-11-21T10:00:00Z"),
     ("2026-11-21T12:00:00+02:00", "2026-11-21T10:00:00Z"),
+    ("2026-11-21 10:00:00z", "2026-11-21T10:00:00Z"),
 ])
 def test_any_rfc3339_spelling_of_a_time_is_read(text, expected):
     assert rfc3339(parse_time(text)) == expected
 
 
-@pytest.mark.parametrize("text", ["2026-11-21", "2026-11-21T10:00:00", "yesterday", ""])
+def test_other_spellings_are_rewritten_as_ours_so_the_pull_order_holds():
+    from webhook.store import stamp_last_seen
+
+    value = json.dumps({"image": "ghcr.io/acme/tool:1", "firstSeen": "2026-11-21T12:00:00+02:00",
+                        "lastSeen": "2026-11-21T10:00:00.5Z"})
+    learned = LearnedSet.decode({"k": value})
+    assert stamp_last_seen(learned, now=T0 + 86400 * 365) == ["ghcr.io/acme/tool:1"]
+    record = learned.get("ghcr.io/acme/tool:1")
+    assert (record.first_seen, record.last_seen) == ("2026-11-21T10:00:00Z",) * 2
+    assert stamp_last_seen(learned, now=T0 + 86400 * 365) == []  # once
+
+
+@pytest.mark.parametrize("text", ["2026-11-21", "2026-11-21T10:00:00", "yesterday", "",
+                                  "2026-W47-1T10:00:00Z", "20261121T100000Z",
+                                  "2026-11-21T10:00Z"])
 def test_a_time_without_date_time_and_offset_is_not_read(text):
     with pytest.raises(ValueError):
         parse_time(text)
