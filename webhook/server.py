@@ -40,6 +40,7 @@ import logging
 import os
 import select
 import shutil
+import socket
 import ssl
 import sys
 import tempfile
@@ -48,6 +49,7 @@ import time
 from typing import Any, Callable
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers import gthread
 from gunicorn.workers.gthread import ThreadWorker
 
 from webhook.settings import Settings
@@ -161,15 +163,31 @@ class _GatheredWrites:
 
 class ObserverWorker(ThreadWorker):
     """gthread, with each response sent in one write, and a thread that waits a moment
-    for its connection's next request (see the module's docstring)."""
+    for its connection's next request (see the module's docstring).
+
+    Stalled clients: gthread reads a request (and does the TLS handshake) on a pool
+    thread from a socket without a timeout, so a client that stops halfway (a few bytes
+    of handshake, unfinished headers, a short body; or a connection a partition left
+    half-open) held a thread for ever, and `threads` of them stopped the worker. Here a
+    thread reading from a connection for longer than READ_TIMEOUT has the connection
+    shut under it (from the event loop's thread), which ends its read. A connection that
+    sends nothing waits FIRST_BYTES_WAIT on a thread (not gthread's 5 s), then in the
+    event loop for at most PENDING_TIMEOUT (not the whole keep-alive), and not at all
+    once the worker stops, so that it cannot eat the shutdown's grace period."""
 
     LINGER = 1.0  # seconds; well under the keep-alive, far over 200/s's gaps
+    # The API server gives a webhook timeoutSeconds (at most 30, the chart's 2) for the
+    # whole call: a request that took longer to arrive is not awaited by anyone.
+    READ_TIMEOUT = 5.0
+    FIRST_BYTES_WAIT = 1.0
+    PENDING_TIMEOUT = 10.0
 
     def init_process(self):
         # before super(): it ends by running the worker's loop
         self._linger_lock = threading.Lock()
         self._tasks = 0  # connections handed to the pool and not given back, queued or not
         self._lingering = 0  # pool threads waiting for their connection's next request
+        self._reading: dict[int, tuple[float, Any]] = {}  # id(conn) -> (deadline, conn)
         self._nudge_r, self._nudge_w = os.pipe()  # one byte releases one waiting thread
         os.set_blocking(self._nudge_r, False)
         os.set_blocking(self._nudge_w, False)
@@ -196,13 +214,57 @@ class ObserverWorker(ThreadWorker):
 
     def handle(self, conn):
         try:
-            keep = super().handle(conn)
+            if not conn.initialized and not conn.data_ready and \
+                    not conn.wait_for_data(self.FIRST_BYTES_WAIT):
+                return gthread._DEFER  # to the event loop, as gthread does after 5 s
+            keep = self._handle_in_time(conn)
             while keep is True and self._next_request_came(conn):
-                keep = super().handle(conn)
+                keep = self._handle_in_time(conn)
             return keep
         finally:
             with self._linger_lock:
                 self._tasks -= 1
+
+    def _handle_in_time(self, conn):
+        """One request on `conn`, read within READ_TIMEOUT (see _cut_stalled)."""
+        with self._linger_lock:
+            self._reading[id(conn)] = (time.monotonic() + self.READ_TIMEOUT, conn)
+        try:
+            return super().handle(conn)
+        finally:
+            with self._linger_lock:
+                self._reading.pop(id(conn), None)
+
+    def murder_keepalived(self, force=False):
+        # runs on every turn of the event loop (about once a second), and while stopping
+        super().murder_keepalived(force)
+        self._cut_stalled()
+
+    def murder_pending(self):
+        limit = time.monotonic() + (self.PENDING_TIMEOUT if self.alive else 0.0)
+        for conn in self.pending_conns:  # the same cap for all keeps the deque in order
+            conn.timeout = min(conn.timeout, limit)
+        super().murder_pending()
+
+    def _cut_stalled(self) -> None:
+        now = time.monotonic()
+        with self._linger_lock:
+            stalled = [conn for deadline, conn in self._reading.values() if deadline <= now]
+            for conn in stalled:
+                self._reading.pop(id(conn), None)
+        for conn in stalled:
+            sock = conn.sock
+            if isinstance(sock, _GatheredWrites):  # stalled in the app, reading the body
+                sock = sock._sock
+            try:
+                # the plain socket's shutdown, also under TLS: SSLSocket.shutdown would
+                # drop its SSL object under the thread still reading from it
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except (OSError, TypeError):
+                pass  # closed meanwhile; the event loop must go on whatever happens
+        if stalled:
+            logger.info("closed %d connections that sent no complete request in %.0fs "
+                        "(first: %s)", len(stalled), self.READ_TIMEOUT, stalled[0].client)
 
     def _next_request_came(self, conn) -> bool:
         """Waits up to LINGER for `conn` to be readable, if a thread may wait now: True

@@ -21,7 +21,7 @@ from tests.support import Process, python_env, wait_for
 
 SCRIPT = """
 import json, pathlib, sys, threading
-from webhook import settings
+from webhook import logs, settings
 from webhook.server import ObserverWorker, serve
 
 ObserverWorker.LINGER = float(sys.argv[1])
@@ -29,6 +29,7 @@ released = threading.Event()
 
 def app(environ, start_response):
     path = environ["PATH_INFO"]
+    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))  # as flask does
     if path == "/block":  # holds its thread until /release, and says so
         pathlib.Path(sys.argv[2]).touch()
         released.wait(30)
@@ -39,12 +40,15 @@ def app(environ, start_response):
                               ("Content-Length", str(len(body)))])
     return [body]
 
-serve(settings.load(), app_factory=lambda _settings: app)
+loaded = settings.load()
+logs.setup(loaded.log_format, loaded.log_level)
+serve(loaded, app_factory=lambda _settings: app)
 """
 
 
 class Server:
-    def __init__(self, workdir: Path, *, threads: int, linger: float, keepalive: int = 120):
+    def __init__(self, workdir: Path, *, threads: int, linger: float, keepalive: int = 120,
+                 log_level: str = "WARNING"):
         from hack.controlplane import free_port
 
         self.workdir, self.port = loopback_pki(workdir), free_port()
@@ -55,7 +59,7 @@ class Server:
                        PREWARM_TLS_KEY_FILE=str(workdir / "tls.key"),
                        PREWARM_WORKERS="1", PREWARM_THREADS=str(threads),
                        PREWARM_KEEPALIVE=str(keepalive),
-                       PREWARM_NAMESPACE="prewarm", PREWARM_LOG_LEVEL="WARNING"),
+                       PREWARM_NAMESPACE="prewarm", PREWARM_LOG_LEVEL=log_level),
             workdir / "server.log")
         wait_for("server", self._answers, timeout=30, alive=self.process.alive)
 
