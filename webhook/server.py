@@ -85,6 +85,12 @@ class CertReloader:
         context.load_cert_chain(cert_file, key_file)
         return context
 
+    def after_fork(self) -> None:
+        """In a new worker: a lock of its own (one held in the master at the fork would
+        never be released), and the files checked at its first handshake."""
+        self._lock = threading.Lock()
+        self._checked = 0.0
+
     def _read_digest(self) -> bytes:
         digest = hashlib.sha256()
         for path in (self.cert_file, self.key_file):
@@ -326,25 +332,26 @@ class ObserverServer(BaseApplication):
     """gunicorn configured from Settings; the flask app is built in each worker."""
 
     def __init__(self, settings: Settings, *, app_factory: Callable[[Settings], Any] | None = None,
-                 extra: dict[str, Any] | None = None):
+                 extra: dict[str, Any] | None = None, reloader: CertReloader | None = None):
         self.settings = settings
         self.app_factory = app_factory
         self.extra = extra or {}
+        # Built here, in the master, and inherited by every worker through the fork: a
+        # worker started while the files hold a bad pair (a restart mid-rotation, a key
+        # gone wrong) serves with the pair loaded at start-up instead of refusing every
+        # handshake. Each worker then reloads on its own as the files change.
+        self.reloader = reloader or CertReloader(settings.tls_cert_file, settings.tls_key_file)
         super().__init__()
 
     def load_config(self) -> None:
         s = self.settings
-        reloader: dict[str, CertReloader] = {}
+        reloader = self.reloader
 
         def ssl_context(conf, _default_factory):
-            # one reloader per worker process (created lazily after the fork)
-            pid = os.getpid()
-            if pid not in reloader:
-                reloader.clear()
-                reloader[pid] = CertReloader(s.tls_cert_file, s.tls_key_file)
-            return reloader[pid].context()
+            return reloader.context()
 
         def post_fork(_server, _worker) -> None:
+            reloader.after_fork()
             # Files the kubernetes client cached before the fork (a kubeconfig's embedded
             # certificates) are deleted by whichever process exits first: each worker
             # makes its own (see kube.check_config).
@@ -433,12 +440,13 @@ def serve(settings: Settings, *, app_factory=None, extra: dict[str, Any] | None 
         raise CertificateError("serve needs --tls-cert-file and --tls-key-file (or "
                                "PREWARM_TLS_CERT_FILE / PREWARM_TLS_KEY_FILE): the API server "
                                "only calls webhooks over HTTPS")
-    CertReloader(settings.tls_cert_file, settings.tls_key_file)  # fail fast, clearly
+    reloader = CertReloader(settings.tls_cert_file, settings.tls_key_file)  # fails clearly
     metrics_dir, created = prepare_metrics_dir()
     logger.info("observer listening on https://%s:%d (%d workers x %d threads)",
                 settings.bind_address, settings.port, settings.workers, settings.threads)
     try:
-        ObserverServer(settings, app_factory=app_factory, extra=extra).run()
+        ObserverServer(settings, app_factory=app_factory, extra=extra,
+                       reloader=reloader).run()
     finally:
         if created:
             shutil.rmtree(metrics_dir, ignore_errors=True)
