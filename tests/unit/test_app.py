@@ -68,6 +68,8 @@ def test_a_body_cut_short_gets_a_400_saying_so(app, server_frames_body):
     (json.dumps(REVIEW).encode(), {"Content-Type": "text/plain; charset=utf-8"},
      "content type must be application/json, got 'text/plain'"),
     (b"{", JSON, "not valid JSON"),
+    (b"", JSON, "the body is empty: an AdmissionReview (JSON) is expected"),
+    (b" \n", JSON, "the body is empty"),
     (json.dumps({**REVIEW, "kind": "Pod"}).encode(), JSON, "AdmissionReview"),
 ])
 def test_what_is_not_a_review_gets_a_400_naming_the_problem(app, body, headers, fragment):
