@@ -187,6 +187,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        help="log what is done (INFO)")
         for option in options:
             option.add_to(p)
+        if name == "secret":
+            p.add_argument("--skip-missing-webhooks", action="store_true",
+                           help="leave out webhook configurations that do not exist yet "
+                                "(before an install), instead of failing")
         subparsers[name] = p
     return parser, subparsers
 
@@ -306,18 +310,15 @@ def cmd_secret(args: argparse.Namespace) -> int:
         targets = [("validating", n) for n in args.validating_webhook]
         targets += [("mutating", n) for n in args.mutating_webhook]
         if targets:
+            missing: list[tuple[str, str]] = []
             changed = kube.patch_ca_bundle(
                 client.AdmissionregistrationV1Api(api_client), ca_pem=data["ca.crt"],
                 validating=args.validating_webhook, mutating=args.mutating_webhook,
+                skip_missing=args.skip_missing_webhooks, missing=missing,
             )
-            # patch_ca_bundle reports changed names in the order it was given them.
-            pending = iter(changed)
-            next_changed = next(pending, None)
             for kind, name in targets:
-                if name == next_changed:
-                    state, next_changed = "updated", next(pending, None)
-                else:
-                    state = "unchanged"
+                state = ("not there yet, skipped" if (kind, name) in missing
+                         else "updated" if name in changed else "unchanged")
                 print(f"{kind}webhookconfiguration {name}: caBundle {state}")
     return 0
 

@@ -111,7 +111,11 @@ def _issue(
     ca_days: int,
     now: datetime | None,
 ) -> dict[str, bytes]:
-    """A serving pair from the stored CA while that CA is usable, else from a new CA."""
+    """A serving pair from the stored CA while that CA is usable, else from a new CA.
+
+    A new CA's `ca.crt` also carries the one it replaces while that one has not expired:
+    the webhook's pods keep serving the old pair until the kubelet updates their mounted
+    Secret, and a caBundle holding both is trusted whichever pair they serve."""
     ca_crt, ca_key = (old or {}).get("ca.crt"), (old or {}).get("ca.key")
     if ca_crt and ca_key:
         ca_problems = tls.check_ca(ca_crt, ca_key, now=now)
@@ -120,12 +124,14 @@ def _issue(
             ca_crt = ca_key = None
     else:
         ca_crt = ca_key = None
+    bundle = None
     if ca_crt is None or ca_key is None:
         ca_crt, ca_key = tls.generate_ca(days=ca_days)
+        bundle = ca_crt + tls.still_valid_first((old or {}).get("ca.crt"), now=now)
     crt, key = tls.generate_serving(
         ca_crt, ca_key, dns_names=dns_names, ip_addresses=ip_addresses, days=days
     )
-    return {"tls.crt": crt, "tls.key": key, "ca.crt": ca_crt, "ca.key": ca_key}
+    return {"tls.crt": crt, "tls.key": key, "ca.crt": bundle or ca_crt, "ca.key": ca_key}
 
 
 def _new_body(namespace: str, name: str, data: dict[str, bytes]) -> client.V1Secret:
@@ -257,13 +263,17 @@ def patch_ca_bundle(
     ca_pem: bytes,
     validating: Sequence[str] = (),
     mutating: Sequence[str] = (),
+    skip_missing: bool = False,
+    missing: list[tuple[str, str]] | None = None,
 ) -> list[str]:
     """Set `webhooks[*].clientConfig.caBundle` to `ca_pem` on the named configurations.
 
     Writes only the webhooks whose bundle differs (a no-op run changes nothing and
     returns []); returns the names of the configurations changed. Every named
     configuration is read before anything is written, and a missing one raises
-    WebhookConfigurationNotFound naming all that are missing.
+    WebhookConfigurationNotFound naming all that are missing, unless `skip_missing`
+    (before an install has created them), which leaves those out and adds them to
+    `missing`.
 
     Each write is a JSON patch that tests the webhook's name at its index, so a
     concurrent edit that reorders the list fails the patch instead of giving a bundle
@@ -278,16 +288,19 @@ def patch_ca_bundle(
     }
     targets = [("validating", n) for n in validating] + [("mutating", n) for n in mutating]
 
-    missing = []
+    absent = []
     for kind, name in targets:
         try:
             kinds[kind][0](name)
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            missing.append((kind, name))
-    if missing:
-        raise WebhookConfigurationNotFound(missing)
+            absent.append((kind, name))
+    if absent and not skip_missing:
+        raise WebhookConfigurationNotFound(absent)
+    if missing is not None:
+        missing.extend(absent)
+    targets = [target for target in targets if target not in absent]
 
     encoded = base64.b64encode(ca_pem).decode("ascii")
     changed: list[str] = []

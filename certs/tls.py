@@ -476,6 +476,20 @@ def check_pair(
     return problems
 
 
+def still_valid_first(pem: bytes | None, *, now: datetime | None = None) -> bytes:
+    """The first certificate of `pem` (a CA a new one replaces) as PEM, if it can be
+    read and has not expired at `now`; else b"" (nothing left worth trusting)."""
+    if not pem:
+        return b""
+    try:
+        cert = _load_certs(pem, "CA certificate")[0]
+    except (ValueError, IndexError):
+        return b""
+    if cert.not_valid_after_utc <= _utc(now):
+        return b""
+    return _cert_pem(cert)
+
+
 def _directly_issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
