@@ -100,14 +100,22 @@ async def _run(host: str, port: int, path: str, bodies: Sequence[bytes],
                 idle.append(conn)
             free.notify()
 
-    # the API server's connections are open before a burst of pods: so are ours (a
-    # server that refuses them shows as errors below, one per arrival)
+    # the API server's connections are open before a burst of pods, each having carried
+    # a review already (Go's client writes its request as soon as it has dialled; a
+    # connection idle after its handshake is one the server may close, see
+    # ObserverWorker.READ_TIMEOUT): so are ours (a server that refuses them shows as
+    # errors below, one per arrival)
     for _ in range(connections):
         try:
-            idle.append(await _Connection.open(host, port, context))
-            opened += 1
-        except OSError:
+            conn = await _Connection.open(host, port, context)
+            _status, keep = await conn.exchange(requests[0])
+        except (OSError, asyncio.IncompleteReadError, ValueError):
             break
+        if not keep:  # a server that closes each connection: opened on demand, then
+            conn.writer.close()
+            continue
+        idle.append(conn)
+        opened += 1
     rng = random.Random(seed)
     tasks = []
     start = time.perf_counter()
