@@ -8,6 +8,7 @@ import os
 from typing import Any, Callable, Iterator
 
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 LIST_TIMEOUT = (3, 30)  # connect, read
 
@@ -43,6 +44,22 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
         config.load_incluster_config(client_configuration=configuration)
         return client.ApiClient(configuration)
     raise KubeconfigError("no kubeconfig (set KUBECONFIG) and not running in a cluster")
+
+
+def describe_error(error: BaseException, limit: int = 300) -> str:
+    """One line for a log: an API error as its status and the API server's own message
+    (the client's str() of it spans lines, with every response header), anything else
+    as its type and text."""
+    if isinstance(error, ApiException):
+        try:
+            message = json.loads(error.body or "{}").get("message") or ""
+        except (ValueError, AttributeError, TypeError):
+            message = str(error.body or "")
+        text = f"HTTP {error.status} {error.reason}" + (f": {message}" if message else "")
+    else:
+        text = f"{error.__class__.__name__}: {error}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def list_pages(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:

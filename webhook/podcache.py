@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from webhook import admission, images
-from webhook.kube import list_pages
+from webhook.kube import describe_error, list_pages
 from webhook.store import Observation
 
 logger = logging.getLogger(__name__)
@@ -126,11 +126,13 @@ class PodImages:
                 version = None
             except ApiException as error:
                 if error.status != 410:
-                    logger.warning("pod watch failed: %s", error)
+                    logger.warning("pod watch failed: %s", describe_error(error))
                     stop.wait(5)
                 version = None  # too old or broken: start again from a fresh list
             except Exception as error:  # connection errors
-                logger.warning("pod watch failed: %s", error)
+                if stop.is_set():
+                    return  # the API server went away as we stopped: nothing to say
+                logger.warning("pod watch failed: %s", describe_error(error))
                 version = None
                 stop.wait(5)
 

@@ -32,7 +32,7 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from webhook import daemonset, images, metrics
-from webhook.kube import api_client, list_items
+from webhook.kube import api_client, describe_error, list_items
 from webhook.podcache import PodImages, learnable
 from webhook.settings import Settings
 from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
@@ -434,7 +434,7 @@ class LeaseElector:
             try:
                 self.try_acquire()
             except Exception as error:  # API unreachable: is_leader() lapses by itself
-                logger.warning("leader election: %s", error)
+                logger.warning("leader election: %s", describe_error(error))
             if self.is_leader() != leading:
                 leading = not leading
                 on_change(leading)
@@ -460,7 +460,7 @@ class LeaseElector:
                     _request_timeout=TIMEOUT)
                 logger.info("released the lease")
         except Exception as error:  # best effort: the lease expires by itself anyway
-            logger.warning("could not release the lease: %s", error)
+            logger.warning("could not release the lease: %s", describe_error(error))
 
 
 # -- the loop ---------------------------------------------------------------------------
@@ -555,10 +555,10 @@ def _watch_learned(reconciler: Reconciler, trigger: threading.Event,
             if error.status == 410:  # too old: start again from a fresh read
                 resource_version = None
                 continue
-            logger.warning("watch on learned-images failed: %s", error)
+            logger.warning("watch on learned-images failed: %s", describe_error(error))
             stop.wait(5)
         except Exception as error:  # connection errors: retry after a pause
-            logger.warning("watch on learned-images failed: %s", error)
+            logger.warning("watch on learned-images failed: %s", describe_error(error))
             resource_version = None
             stop.wait(5)
 
@@ -579,7 +579,8 @@ def attempt(reconciler: Reconciler, schedule: Schedule, *, now: float,
         # retried at once
         delay = schedule.failed(clock())
         logger.warning("reconcile pass failed (%d in a row), next attempt in %.0fs: %s",
-                       schedule.failures, delay, error)
+                       schedule.failures, delay,
+                       error if isinstance(error, StoreUnavailable) else describe_error(error))
         return None
     schedule.succeeded(now, full=full)
     if result.outcome != "unchanged" or full:
@@ -593,7 +594,8 @@ def run(settings: Settings, *, once: bool = False) -> int:
         try:
             result = reconciler.reconcile_once()
         except (StoreUnavailable, ApiException) as error:
-            logger.error("reconcile failed: %s", error)
+            logger.error("reconcile failed: %s", error if isinstance(error, StoreUnavailable)
+                         else describe_error(error))
             return 1
         print(json.dumps({"daemonsets": result.daemonsets, "outcome": result.outcome,
                           "backfilled": len(result.backfilled),

@@ -525,12 +525,9 @@ def conflict_delay(conflicts: int, *, rng: random.Random | None = None) -> float
 def _server_message(error: ApiException, limit: int = 300) -> str:
     """The API server's own explanation (the Status message: which user was refused
     which verb, which field is invalid), cut to `limit` characters."""
-    try:
-        message = json.loads(error.body or "{}").get("message") or ""
-    except (ValueError, AttributeError, TypeError):
-        message = str(error.body or "")
-    message = " ".join(str(message).split()) or str(error.reason or "no message")
-    return message if len(message) <= limit else message[:limit - 3] + "..."
+    from webhook.kube import describe_error
+
+    return describe_error(error, limit).partition(": ")[2] or str(error.reason or "no message")
 
 
 def merge_patch(before: Mapping[str, str], after: Mapping[str, str],
