@@ -51,6 +51,10 @@ FIELD_MANAGER = "prewarm-reconciler"
 TIMEOUT = (3, 30)
 
 
+class LeaseMissing(RuntimeError):
+    pass
+
+
 class NotLeader(RuntimeError):
     pass
 
@@ -402,6 +406,11 @@ class LeaseElector:
         except ApiException as error:
             if error.status == 409:  # another candidate wrote first: it leads
                 return False
+            if error.status == 403 and lease is None:  # the chart's Role has no create
+                raise LeaseMissing(
+                    f"Lease {namespace}/{name} is missing and this identity may not create "
+                    f"it ({describe_error(error)}): `helm upgrade` restores it (or create "
+                    f"it by hand); no replica leads until it exists") from error
             raise
         self._renewed_at = started
         return True
@@ -434,7 +443,8 @@ class LeaseElector:
             try:
                 self.try_acquire()
             except Exception as error:  # API unreachable: is_leader() lapses by itself
-                logger.warning("leader election: %s", describe_error(error))
+                logger.warning("leader election: %s", error if isinstance(error, LeaseMissing)
+                               else describe_error(error))
             if self.is_leader() != leading:
                 leading = not leading
                 on_change(leading)

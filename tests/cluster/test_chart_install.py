@@ -183,6 +183,17 @@ def test_chart_identities_can_do_their_job_and_nothing_else(cluster, core, crds)
             assert f"ConfigMap {namespace}/learned-images is missing and this identity may " \
                    f"not create it" in str(error.value)
             assert "`helm upgrade` restores it" in str(error.value)
+        # the Lease too: no replica can lead, and each says why
+        from webhook.reconciler import LeaseElector, LeaseMissing
+        from webhook.settings import Settings
+
+        client.CoordinationV1Api(cluster.api_client()).delete_namespaced_lease(lease, namespace)
+        elector = LeaseElector(api, Settings(namespace=namespace, lease_name=lease), "r-1")
+        with pytest.raises(LeaseMissing) as missing:
+            elector.try_acquire()
+        assert f"Lease {namespace}/{lease} is missing and this identity may not create it " \
+               f"(HTTP 403 Forbidden: " in str(missing.value)
+        assert "\n" not in str(missing.value)
     finally:
         cleanup(cluster, core, namespace, docs)
 
