@@ -19,6 +19,7 @@ nothing; the cost is bounded because steady state (only known images) writes not
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import logging
@@ -416,6 +417,18 @@ class StoreUnavailable(RuntimeError):
 class Snapshot:
     learned: LearnedSet
     resource_version: str
+    # bytes of binaryData (added by hand): the API server's 1 MiB counts them too
+    other_bytes: int = 0
+
+    @classmethod
+    def of(cls, cm: client.V1ConfigMap) -> Snapshot:
+        other = 0
+        for value in (cm.binary_data or {}).values():
+            try:
+                other += len(base64.b64decode(value))
+            except (ValueError, TypeError):
+                other += len(value or "")
+        return cls(LearnedSet.decode(cm.data), cm.metadata.resource_version, other)
 
 
 class LearnedImagesStore:
@@ -438,7 +451,7 @@ class LearnedImagesStore:
         except Exception as error:  # urllib3 connection errors and timeouts
             raise StoreUnavailable(f"reading ConfigMap {self.namespace}/{self.name}: "
                                    f"{error.__class__.__name__}: {error}") from error
-        return Snapshot(LearnedSet.decode(cm.data), cm.metadata.resource_version)
+        return Snapshot.of(cm)
 
     def _create(self) -> Snapshot:
         body = client.V1ConfigMap(metadata=client.V1ObjectMeta(
@@ -460,7 +473,7 @@ class LearnedImagesStore:
         except Exception as error:
             raise StoreUnavailable(f"creating ConfigMap {self.namespace}/{self.name}: "
                                    f"{error}") from error
-        return Snapshot(LearnedSet.decode(cm.data), cm.metadata.resource_version)
+        return Snapshot.of(cm)
 
     def _describe(self, error: ApiException, verb: str) -> str:
         hint = ""
@@ -486,11 +499,20 @@ class LearnedImagesStore:
             if not mutate(current.learned):
                 return current
             after = current.learned.encode()
-            if sum(len(value.encode()) for value in after.values()) > DATA_LIMIT:
-                cut = current.learned.fit(DATA_LIMIT)
-                logger.error("learned-images would be over %d bytes: %d images now list only "
-                             "their first namespace (written under a larger cap, or edited "
-                             "by hand)", DATA_LIMIT, cut)
+            limit = DATA_LIMIT - current.other_bytes
+            if sum(len(value.encode()) for value in after.values()) > limit:
+                try:
+                    cut = current.learned.fit(limit)
+                except StoreUnavailable as error:
+                    if not current.other_bytes:
+                        raise
+                    raise StoreUnavailable(f"{error}; its binaryData (added by hand) takes "
+                                           f"{current.other_bytes} bytes of the 1 MiB: "
+                                           f"remove it") from error
+                logger.error("learned-images would be over %d bytes%s: %d images now list "
+                             "only their first namespace (written under a larger cap, or "
+                             "edited by hand)", limit, f" (binaryData takes "
+                             f"{current.other_bytes})" if current.other_bytes else "", cut)
                 after = current.learned.encode()
             patch = merge_patch(before, after, current.resource_version)
             if not patch["data"]:
@@ -509,7 +531,7 @@ class LearnedImagesStore:
                 raise StoreUnavailable(f"writing ConfigMap {self.namespace}/{self.name}: "
                                        f"{error.__class__.__name__}: {error}") from error
             self.on_write()
-            return Snapshot(LearnedSet.decode(written.data), written.metadata.resource_version)
+            return Snapshot.of(written)
         raise StoreUnavailable(f"ConfigMap {self.namespace}/{self.name}: still conflicting "
                                f"after {attempts} attempts")
 

@@ -393,6 +393,42 @@ def test_a_write_that_would_pass_one_mebibyte_still_lands_and_keeps_every_image(
         core.delete_namespace(namespace)
 
 
+def test_binary_data_added_by_hand_counts_toward_the_mebibyte(cluster, core):
+    """Someone stores 950 kB of binaryData in learned-images: the API server counts it
+    in the 1 MiB with the records, so a write sized by the records alone is refused
+    (422) for every writer, for good. The store counts it, lists fewer namespaces, and
+    every image stays."""
+    import base64
+
+    namespace = new_namespace_name("binary")
+    core.create_namespace({"metadata": {"name": namespace}})
+    try:
+        core.create_namespaced_config_map(namespace, {
+            "metadata": {"name": "learned-images"},
+            "binaryData": {"blob": base64.b64encode(b"\0" * 950_000).decode()}})
+        store = LearnedImagesStore(core, namespace=namespace, name="learned-images")
+        now = time.time()
+        observed = {}
+        for index in range(200):
+            seen = Observation()
+            for team in range(20):
+                seen.add(f"team-with-a-long-name-{team:02d}", now)
+            observed[f"registry.example.com/platform/service-{index:05d}:v1"] = seen
+        settings = Settings(namespace=namespace, max_images_per_namespace=10_000)
+        grown = store.read().learned
+        merge(grown, observed, source="admission", settings=settings)
+        records = sum(len(v.encode()) for v in grown.encode().values())
+        assert records + 950_000 > 1024 * 1024 > records  # only together too big
+        store.update(lambda learned: merge(learned, observed, source="admission",
+                                           settings=settings).changed)
+        learned = learned_images(core, namespace)
+        assert set(learned) == set(observed) and all(r["namespaces"] for r in learned.values())
+        cm = core.read_namespaced_config_map("learned-images", namespace)
+        assert len(base64.b64decode(cm.binary_data["blob"])) == 950_000  # left alone
+    finally:
+        core.delete_namespace(namespace)
+
+
 @contextlib.contextmanager
 def observed_namespace(cluster, core, tmp_path, prefix: str):
     """An observer of its own, registered with the chart's webhook configuration and
