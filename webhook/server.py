@@ -442,11 +442,15 @@ def serve(settings: Settings, *, app_factory=None, extra: dict[str, Any] | None 
                                "only calls webhooks over HTTPS")
     reloader = CertReloader(settings.tls_cert_file, settings.tls_key_file)  # fails clearly
     metrics_dir, created = prepare_metrics_dir()
+    master = os.getpid()
     logger.info("observer listening on https://%s:%d (%d workers x %d threads)",
                 settings.bind_address, settings.port, settings.workers, settings.threads)
     try:
         ObserverServer(settings, app_factory=app_factory, extra=extra,
                        reloader=reloader).run()
     finally:
-        if created:
+        # Workers are forked inside run() and leave it by SystemExit, through this
+        # block: only the master, which made the directory, may remove it (a worker
+        # that did would take the live workers' files and fail its replacement's boot).
+        if created and os.getpid() == master:
             shutil.rmtree(metrics_dir, ignore_errors=True)

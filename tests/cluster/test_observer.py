@@ -429,6 +429,41 @@ def test_binary_data_added_by_hand_counts_toward_the_mebibyte(cluster, core):
         core.delete_namespace(namespace)
 
 
+def test_a_worker_that_exits_is_replaced_and_the_observer_keeps_serving(cluster, core,
+                                                                       tmp_path):
+    """A worker leaves by itself (gunicorn's timeout abort, a SIGTERM to it alone): the
+    master starts another and serving goes on. The metrics directory `serve` creates is
+    the master's: a worker's exit must not remove it, or the replacement fails to boot
+    and the master shuts the whole observer down."""
+    import os
+    import signal
+    import subprocess
+
+    namespace = new_namespace_name("respawn")
+    core.create_namespace({"metadata": {"name": namespace}})
+    observer = Observer(cluster, namespace, tmp_path, workers=1)
+    try:
+        def workers() -> set[int]:
+            found = subprocess.run(["pgrep", "-P", str(observer.process.popen.pid)],
+                                   capture_output=True, text=True).stdout.split()
+            return {int(pid) for pid in found}
+
+        (first,) = eventually("the worker", workers, timeout=30)
+        os.kill(first, signal.SIGTERM)
+        eventually("a new worker", lambda: (workers() - {first}) or None, timeout=30)
+        body = _review(uid="after-respawn", namespace="team", object={
+            "spec": {"containers": [{"image": "respawn.example.com/app:1"}]}})
+        status, _ = eventually("a review answered by the new worker", lambda: (
+            lambda answer: answer if answer[0] == 200 else None)(
+            observer.request("POST", "/observe", body, JSON)), timeout=30)
+        assert observer.metric('prewarm_reviews_total{kind="Pod",result="observed"}') >= 1
+        assert observer.process.popen.poll() is None, observer.process.output()[-3000:]
+        assert "Worker failed to boot" not in observer.process.output()
+    finally:
+        observer.stop()
+        core.delete_namespace(namespace)
+
+
 @contextlib.contextmanager
 def observed_namespace(cluster, core, tmp_path, prefix: str):
     """An observer of its own, registered with the chart's webhook configuration and
