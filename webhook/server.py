@@ -241,6 +241,18 @@ class ObserverWorker(ThreadWorker):
             with self._linger_lock:
                 self._reading.pop(id(conn), None)
 
+    def finish_request(self, conn, fs):
+        # gthread closes the socket itself on a TLS end-of-file (a connection cut above,
+        # a client that hangs up mid-handshake), returns False, and finish_request then
+        # fails to close it again and counts the connection as gone twice: nr_conns
+        # drifts below the truth, and a stopping worker, which waits while it is above
+        # 0, stops waiting for connections still open.
+        if (not fs.cancelled() and fs.exception() is None and fs.result() is False
+                and conn.sock.fileno() == -1):
+            self.nr_conns -= 1
+            return
+        super().finish_request(conn, fs)
+
     def murder_keepalived(self, force=False):
         # runs on every turn of the event loop (about once a second), and while stopping
         super().murder_keepalived(force)
@@ -338,8 +350,9 @@ class ObserverServer(BaseApplication):
         self.extra = extra or {}
         # Built here, in the master, and inherited by every worker through the fork: a
         # worker started while the files hold a bad pair (a restart mid-rotation, a key
-        # gone wrong) serves with the pair loaded at start-up instead of refusing every
-        # handshake. Each worker then reloads on its own as the files change.
+        # gone wrong) serves with the pair loaded at start-up (the master serves nothing
+        # and never reloads) instead of refusing every handshake. Each worker then
+        # reloads on its own as the files change.
         self.reloader = reloader or CertReloader(settings.tls_cert_file, settings.tls_key_file)
         super().__init__()
 

@@ -63,3 +63,23 @@ def test_a_stalled_connection_does_not_hold_up_a_graceful_stop(tmp_path):
     finally:
         held.close()
         server.process.stop()
+
+
+def test_cut_connections_are_counted_once_so_a_later_stop_still_waits_and_cuts(tmp_path):
+    # gthread counted a connection it had closed itself on a TLS end-of-file twice:
+    # after two cuts the worker believed it had -2 connections, its stop no longer
+    # waited (nor cut), and a stalled handshake at SIGTERM held it to the 20 s kill
+    server = Server(tmp_path, threads=2, linger=0.2, log_level="INFO")
+    held = [stalled(server, "handshake"), stalled(server, "handshake")]
+    try:
+        wait_for("two stalled handshakes cut", lambda: "closed 2 connections that sent no "
+                 "complete request" in server.process.output(), timeout=30)
+        late = stalled(server, "handshake")
+        thread_of(server.connection(), "/")
+        server.process.popen.send_signal(signal.SIGTERM)
+        assert server.process.popen.wait(timeout=15) == 0
+        late.close()
+    finally:
+        for sock in held:
+            sock.close()
+        server.process.stop()
