@@ -4,7 +4,7 @@
     secret    ensure the TLS Secret exists and is valid, then patch the caBundle (Helm hook)
     check     verify a cert/key/CA triple (exit 1 listing the problems)
 
-Every option has a `PREWARM_*` environment equivalent (shown in --help); a flag wins
+Options with a `PREWARM_*` environment equivalent show it in --help; a flag wins
 over its variable. Exit codes: 0 done, 1 failed (or `check` found problems), 2 usage.
 """
 
