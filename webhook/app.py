@@ -157,7 +157,7 @@ class AdmissionEndpoints:
         if length is not None and len(raw) < length:  # the client is gone
             raise self.bad(f"the body ended after {len(raw)} of its {length} bytes "
                            "(Content-Length)")
-        if not raw.strip():  # e.g. a POST with neither Content-Length nor chunks
+        if not raw or raw.isspace():  # e.g. a POST with neither Content-Length nor chunks
             raise self.bad("the body is empty: an AdmissionReview (JSON) is expected")
         try:
             return json.loads(raw)
