@@ -46,20 +46,32 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
     raise KubeconfigError("no kubeconfig (set KUBECONFIG) and not running in a cluster")
 
 
+def _one_line(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def server_message(error: ApiException, limit: int = 300) -> str:
+    """The API server's own explanation of a refusal (its Status message: which user
+    was refused which verb, which field is invalid), on one line, cut to `limit`; the
+    body as it came when it is not a Status; "" when there is none."""
+    try:
+        message = json.loads(error.body or "{}").get("message") or ""
+    except (ValueError, AttributeError, TypeError):
+        message = str(error.body or "")
+    return _one_line(message, limit)
+
+
 def describe_error(error: BaseException, limit: int = 300) -> str:
     """One line for a log: an API error as its status and the API server's own message
     (the client's str() of it spans lines, with every response header), anything else
     as its type and text."""
     if isinstance(error, ApiException):
-        try:
-            message = json.loads(error.body or "{}").get("message") or ""
-        except (ValueError, AttributeError, TypeError):
-            message = str(error.body or "")
+        message = server_message(error, limit)
         text = f"HTTP {error.status} {error.reason}" + (f": {message}" if message else "")
     else:
         text = f"{error.__class__.__name__}: {error}"
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return _one_line(text, limit)
 
 
 def list_pages(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:

@@ -33,6 +33,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from webhook import images
+from webhook.kube import server_message
 from webhook.settings import MAX_BYTES_CEILING, Settings
 
 logger = logging.getLogger(__name__)
@@ -544,12 +545,8 @@ def conflict_delay(conflicts: int, *, rng: random.Random | None = None) -> float
     return (rng or random).uniform(0, min(0.5, 0.01 * 2 ** min(conflicts - 1, 16)))
 
 
-def _server_message(error: ApiException, limit: int = 300) -> str:
-    """The API server's own explanation (the Status message: which user was refused
-    which verb, which field is invalid), cut to `limit` characters."""
-    from webhook.kube import describe_error
-
-    return describe_error(error, limit).partition(": ")[2] or str(error.reason or "no message")
+def _server_message(error: ApiException) -> str:
+    return server_message(error) or str(error.reason or "no message")
 
 
 def merge_patch(before: Mapping[str, str], after: Mapping[str, str],
