@@ -301,31 +301,28 @@ def _rolling_out(ds: dict[str, Any]) -> bool:
         status.get("updatedNumberScheduled", 0) < status.get("desiredNumberScheduled", 0)
 
 
-def failed_pulls(pods: list[dict[str, Any]], containers: dict[str, str]) -> dict[str, str]:
-    """image -> reason, for pull containers waiting with an image-pull failure."""
-    failures: dict[str, str] = {}
+def _failing_init_containers(pods: list[dict[str, Any]]):
+    """(pod, container name, reason) for init containers waiting with a FAILURE_REASON."""
     for pod in pods:
         for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
-            waiting = (status.get("state") or {}).get("waiting") or {}
-            image = containers.get(status.get("name", ""))
-            if image and waiting.get("reason") in FAILURE_REASONS:
-                failures[image] = waiting["reason"]
-    return failures
+            reason = ((status.get("state") or {}).get("waiting") or {}).get("reason")
+            if reason in FAILURE_REASONS:
+                yield pod, status.get("name", ""), reason
+
+
+def failed_pulls(pods: list[dict[str, Any]], containers: dict[str, str]) -> dict[str, str]:
+    """image -> reason, for pull containers waiting with an image-pull failure."""
+    return {containers[name]: reason for _pod, name, reason in _failing_init_containers(pods)
+            if name in containers}
 
 
 def helper_failures(pods: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
     """pod -> (node, reason), for prepuller pods whose first initContainer (the helper
     from Prewarm's own image) waits with a failure: no pull after it can run there."""
-    failures: dict[str, tuple[str, str]] = {}
-    for pod in pods:
-        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
-            waiting = (status.get("state") or {}).get("waiting") or {}
-            if status.get("name") == daemonset.HELPER_CONTAINER and \
-                    waiting.get("reason") in FAILURE_REASONS:
-                name = (pod.get("metadata") or {}).get("name", "?")
-                node = (pod.get("spec") or {}).get("nodeName") or "(no node)"
-                failures[name] = (node, waiting["reason"])
-    return failures
+    return {(pod.get("metadata") or {}).get("name", "?"):
+            ((pod.get("spec") or {}).get("nodeName") or "(no node)", reason)
+            for pod, name, reason in _failing_init_containers(pods)
+            if name == daemonset.HELPER_CONTAINER}
 
 
 def owned_equal(live: dict[str, Any], desired: dict[str, Any]) -> bool:
