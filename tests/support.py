@@ -202,6 +202,19 @@ class Observer:
         wait_for("observer /healthz", lambda: self.get("/healthz")[0] == 200, timeout=30,
                  alive=self.process.alive)
 
+    def workers(self) -> set[int]:
+        """The pids of gunicorn's worker processes (the master's children)."""
+        found = subprocess.run(["pgrep", "-P", str(self.process.popen.pid)],
+                               capture_output=True, text=True).stdout.split()
+        return {int(pid) for pid in found}
+
+    def replace_worker(self, sig: int) -> None:
+        """Sends `sig` to the only worker and waits until the master has started another
+        (the observer must run with workers=1)."""
+        (old,) = wait_for("the worker", self.workers, timeout=30)
+        os.kill(old, sig)
+        wait_for("a new worker", lambda: (self.workers() - {old}) or None, timeout=30)
+
     def ssl_context(self):
         import ssl
 

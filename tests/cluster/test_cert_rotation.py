@@ -101,9 +101,7 @@ def test_a_worker_restarted_while_the_key_is_bad_serves_with_the_last_good_pair(
     """A worker that dies (out of memory, a crash) while the key file holds something
     unreadable: gunicorn starts a new one, which must still complete handshakes with
     the pair it inherits, not answer every connection with an error."""
-    import os
     import signal
-    import subprocess
 
     namespace = new_namespace_name("restarted")
     core.create_namespace({"metadata": {"name": namespace}})
@@ -112,14 +110,7 @@ def test_a_worker_restarted_while_the_key_is_bad_serves_with_the_last_good_pair(
         serial = served_serial(observer)
         (tmp_path / "tls.key").write_bytes(b"not a key")
 
-        def workers() -> set[int]:
-            found = subprocess.run(["pgrep", "-P", str(observer.process.popen.pid)],
-                                   capture_output=True, text=True).stdout.split()
-            return {int(pid) for pid in found}
-
-        (old,) = eventually("the worker", workers, timeout=30)
-        os.kill(old, signal.SIGKILL)
-        eventually("a new worker", lambda: (workers() - {old}) or None, timeout=30)
+        observer.replace_worker(signal.SIGKILL)
         assert eventually("a handshake with the new worker", lambda: served_serial(observer),
                           timeout=30) == serial
         assert observer.get("/healthz")[0] == 200

@@ -341,6 +341,18 @@ def test_eight_concurrent_writers_lose_no_image(cluster, core):
     core.delete_namespace(namespace)
 
 
+def seen_widely(count: int, namespaces: list[str]) -> dict[str, Observation]:
+    """`count` images, each just seen in every one of `namespaces`."""
+    now = time.time()
+    observed = {}
+    for index in range(count):
+        seen = Observation()
+        for namespace in namespaces:
+            seen.add(namespace, now)
+        observed[f"registry.example.com/platform/service-{index:05d}:v1"] = seen
+    return observed
+
+
 def test_a_write_that_would_pass_one_mebibyte_still_lands_and_keeps_every_image(cluster, core):
     """A set without the room PREWARM_MAX_BYTES now keeps for the reconciler's fields
     (written under a larger cap, or grown by hand), images used in many namespaces, then
@@ -356,13 +368,7 @@ def test_a_write_that_would_pass_one_mebibyte_still_lands_and_keeps_every_image(
         settings = Settings(namespace=namespace, max_images_per_namespace=10_000,
                             max_bytes=2 * 1024 * 1024)
         store = LearnedImagesStore(core, namespace=namespace, name="learned-images")
-        now = time.time()
-        observed = {}
-        for index in range(3500):
-            seen = Observation()
-            for team in range(8):
-                seen.add(f"team-{team:02d}", now)
-            observed[f"registry.example.com/platform/service-{index:05d}:v1"] = seen
+        observed = seen_widely(3500, [f"team-{team:02d}" for team in range(8)])
         store.update(lambda learned: merge(learned, observed, source="admission",
                                            settings=settings).changed)
         images = set(learned_images(core, namespace))
@@ -407,13 +413,7 @@ def test_binary_data_added_by_hand_counts_toward_the_mebibyte(cluster, core):
             "metadata": {"name": "learned-images"},
             "binaryData": {"blob": base64.b64encode(b"\0" * 950_000).decode()}})
         store = LearnedImagesStore(core, namespace=namespace, name="learned-images")
-        now = time.time()
-        observed = {}
-        for index in range(200):
-            seen = Observation()
-            for team in range(20):
-                seen.add(f"team-with-a-long-name-{team:02d}", now)
-            observed[f"registry.example.com/platform/service-{index:05d}:v1"] = seen
+        observed = seen_widely(200, [f"team-with-a-long-name-{team:02d}" for team in range(20)])
         settings = Settings(namespace=namespace, max_images_per_namespace=10_000)
         grown = store.read().learned
         merge(grown, observed, source="admission", settings=settings)
@@ -435,22 +435,13 @@ def test_a_worker_that_exits_is_replaced_and_the_observer_keeps_serving(cluster,
     master starts another and serving goes on. The metrics directory `serve` creates is
     the master's: a worker's exit must not remove it, or the replacement fails to boot
     and the master shuts the whole observer down."""
-    import os
     import signal
-    import subprocess
 
     namespace = new_namespace_name("respawn")
     core.create_namespace({"metadata": {"name": namespace}})
     observer = Observer(cluster, namespace, tmp_path, workers=1)
     try:
-        def workers() -> set[int]:
-            found = subprocess.run(["pgrep", "-P", str(observer.process.popen.pid)],
-                                   capture_output=True, text=True).stdout.split()
-            return {int(pid) for pid in found}
-
-        (first,) = eventually("the worker", workers, timeout=30)
-        os.kill(first, signal.SIGTERM)
-        eventually("a new worker", lambda: (workers() - {first}) or None, timeout=30)
+        observer.replace_worker(signal.SIGTERM)
         body = _review(uid="after-respawn", namespace="team", object={
             "spec": {"containers": [{"image": "respawn.example.com/app:1"}]}})
         status, _ = eventually("a review answered by the new worker", lambda: (

@@ -222,6 +222,32 @@ def test_images_backfill_cannot_record_are_logged_and_counted(cluster, core, pre
     assert any(r.getMessage().startswith("backfill could not record") for r in caplog.records)
 
 
+def running_prepuller_pod(core, namespace: str):
+    """A prepuller pod kwok has finished with (Running), so its own status updates are
+    over."""
+    return eventually("a Running prepuller pod", lambda: next(
+        (p for p in pods_of(core, namespace, "prewarm-images") if p.status.phase == "Running"),
+        None), timeout=60)
+
+
+def set_init_statuses(core, namespace: str, pod, statuses: list[dict], container: str,
+                      reason: str) -> None:
+    """Plays the kubelet: takes `pod` from kwok and gives it these init container
+    statuses, until the API server shows `container` waiting with `reason`."""
+    name = pod.metadata.name
+    core.patch_namespaced_pod(name, namespace, {"metadata": {
+        "annotations": {"kwok.x-k8s.io/status": "custom"}}})
+
+    def visible() -> bool:
+        core.patch_namespaced_pod_status(name, namespace, {
+            "status": {"initContainerStatuses": statuses}})
+        read = core.read_namespaced_pod(name, namespace)
+        return any(s.name == container and s.state.waiting and s.state.waiting.reason == reason
+                   for s in read.status.init_container_statuses or [])
+
+    eventually(f"{container} waiting with {reason} in the pod's status", visible, timeout=30)
+
+
 def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_backoff(
         cluster, core, apps, prewarm_ns):
     broken, good = "broken.example.com/missing:1", "docker.io/library/alpine:3.20"
@@ -230,13 +256,8 @@ def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_bac
     reconciler = Reconciler(settings, cluster.api_client())
     reconciler.reconcile_once()
     name = daemonset.container_name(broken)
-    # a pod kwok has finished with (Running), so its own status updates are over
-    victim = eventually("a Running prepuller pod", lambda: next(
-        (p for p in pods_of(core, prewarm_ns, "prewarm-images") if p.status.phase == "Running"),
-        None), timeout=60)
-    # play the kubelet: the pull of `broken` fails on this node (kwok leaves it alone)
-    core.patch_namespaced_pod(victim.metadata.name, prewarm_ns, {"metadata": {
-        "annotations": {"kwok.x-k8s.io/status": "custom"}}})
+    # play the kubelet: the pull of `broken` fails on this node, the others finished
+    victim = running_prepuller_pod(core, prewarm_ns)
     statuses = [{"name": c.name, "image": c.image, "ready": False, "restartCount": 0,
                  "state": {"waiting": {"reason": "ErrImagePull",
                                        "message": "pull access denied"}}}
@@ -244,15 +265,7 @@ def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_bac
                 {"name": c.name, "image": c.image, "ready": True, "restartCount": 0,
                  "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}
                 for c in victim.spec.init_containers]
-
-    def failure_visible() -> bool:
-        core.patch_namespaced_pod_status(victim.metadata.name, prewarm_ns, {
-            "status": {"initContainerStatuses": statuses}})
-        pod = core.read_namespaced_pod(victim.metadata.name, prewarm_ns)
-        return any(s.name == name and s.state.waiting and s.state.waiting.reason == "ErrImagePull"
-                   for s in pod.status.init_container_statuses or [])
-
-    eventually("the simulated pull failure in the pod's status", failure_visible, timeout=30)
+    set_init_statuses(core, prewarm_ns, victim, statuses, name, "ErrImagePull")
 
     result = reconciler.reconcile_once()
     assert result.failing == [broken]
@@ -285,24 +298,13 @@ def test_a_helper_that_cannot_start_is_reported_with_its_node(cluster, core, pre
     learn(cluster, prewarm_ns, ["docker.io/library/alpine:3.20"], settings)
     reconciler = Reconciler(settings, cluster.api_client())
     reconciler.reconcile_once()
-    victim = eventually("a Running prepuller pod", lambda: next(
-        (p for p in pods_of(core, prewarm_ns, "prewarm-images") if p.status.phase == "Running"),
-        None), timeout=60)
-    core.patch_namespaced_pod(victim.metadata.name, prewarm_ns, {"metadata": {
-        "annotations": {"kwok.x-k8s.io/status": "custom"}}})
+    victim = running_prepuller_pod(core, prewarm_ns)
     statuses = [{"name": c.name, "image": c.image, "ready": False, "restartCount": 0,
                  "state": {"waiting": {"reason": "ImagePullBackOff" if c.name == daemonset.
                                        HELPER_CONTAINER else "PodInitializing"}}}
                 for c in victim.spec.init_containers]
-
-    def stuck() -> bool:
-        core.patch_namespaced_pod_status(victim.metadata.name, prewarm_ns, {
-            "status": {"initContainerStatuses": statuses}})
-        pod = core.read_namespaced_pod(victim.metadata.name, prewarm_ns)
-        return any(s.state.waiting and s.state.waiting.reason == "ImagePullBackOff"
-                   for s in pod.status.init_container_statuses or [])
-
-    eventually("the simulated helper failure in the pod's status", stuck, timeout=30)
+    set_init_statuses(core, prewarm_ns, victim, statuses, daemonset.HELPER_CONTAINER,
+                      "ImagePullBackOff")
     with caplog.at_level("WARNING", logger="webhook.reconciler"):
         result = reconciler.reconcile_once()
     assert result.helper_failing == {victim.metadata.name: (victim.spec.node_name,
