@@ -20,7 +20,8 @@ records:
 - For a first path segment that names a registry but is not a grammatical host
   (`foo_bar.com/x`), upstream accepts the whole string as a path with an empty domain;
   here `domain` is that first segment, since it is the host the runtime will contact.
-  The normalized string is the same.
+  The normalized string is the same, and so is the length limit: such a segment counts
+  towards the path's 255 characters, as it does upstream.
 
 Also here: `ImageFilter`, the allow/deny patterns on registries and repositories, and
 `short_hash`, the stable short name of an image.
@@ -180,7 +181,9 @@ def _parse_cached(ref: str) -> Reference:
     name, tag, digest = match.groups()
     # Tags and digests hold no "/", so the matched name always starts with domain + "/".
     path = name[len(domain) + 1 :]
-    if len(path) > REPOSITORY_NAME_MAX:
+    # a domain that is not a grammatical host is part of the path upstream (see above)
+    counted = path if _DOMAIN_AND_PORT_RE.fullmatch(domain) else name
+    if len(counted) > REPOSITORY_NAME_MAX:
         raise InvalidReference(ref, "repository name too long")
     if digest is not None:
         _check_digest(ref, digest)

@@ -218,6 +218,10 @@ INVALID = [
     pytest.param("Foo_Bar/x", "repository name must be lowercase", id="uppercase-non-host"),
     pytest.param("domain/" + "a" * 256 + ":tag", "repository name too long", id="path-of-256"),
     pytest.param("a/" * 128 + "a:tag", "repository name too long", id="257-char-path"),
+    # a first segment that is not a grammatical host is part of the path upstream, and
+    # counts towards its 255 characters (found by test_images_runtime.py)
+    pytest.param("foo_bar.com/" + "x" * 250, "repository name too long",
+                 id="non-grammar-host-counts-in-path"),
     pytest.param("aa/asdf$$^/aa", "invalid reference format", id="symbols"),
     pytest.param("[2001:db8::1]", "invalid reference format", id="lone-ipv6"),
     pytest.param("[2001:db8::1]:5000", "invalid reference format", id="lone-ipv6-port"),
