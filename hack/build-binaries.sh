@@ -3,14 +3,17 @@
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes),
 # etcd (go.etcd.io/etcd/server/v3), kwok (sigs.k8s.io/kwok), helm (helm.sh/helm/v3) and
 # hey (the bench's load generator), from Go modules at the versions pinned in
-# hack/versions.env; and installs kwok's stages and cert-manager's CRDs from theirs.
+# hack/versions.env; and installs kwok's stages and cert-manager's CRDs from theirs. Also
+# refcheck (hack/refcheck), the image-reference oracle of the unit tests.
 #
 # Output: $PREWARM_CACHE_DIR (default ~/.cache/prewarm)/<tool>-<version>/bin/<binary>.
 # Each folder is keyed by version and filled atomically, so a second run with the
 # binaries present does nothing, a fresh clone on the same machine reuses them, and an
 # interrupted build never leaves a half-written binary behind.
 #
-# Usage: hack/build-binaries.sh [--print-dirs]
+# refcheck's folder is keyed by a hash of its source and go.mod/go.sum instead.
+#
+# Usage: hack/build-binaries.sh [--print-dirs | refcheck]
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,9 +27,12 @@ kwok_dir="$cache/kwok-$KWOK_VERSION/bin"
 helm_dir="$cache/helm-$HELM_VERSION/bin"
 crds_dir="$cache/cert-manager-$CERT_MANAGER_VERSION/crds"
 hey_dir="$cache/hey-$HEY_VERSION/bin"
+# refcheck is our own source (hack/refcheck): keyed by it, including go.mod's versions
+refcheck_key="$(cat "$here/refcheck/go.mod" "$here/refcheck/go.sum" "$here/refcheck/main.go" | sha256sum | cut -c1-12)"
+refcheck_dir="$cache/refcheck-$refcheck_key/bin"
 
 if [[ "${1:-}" == "--print-dirs" ]]; then
-  printf '%s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir" "$hey_dir"
+  printf '%s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir" "$hey_dir" "$refcheck_dir"
   exit 0
 fi
 
@@ -185,6 +191,25 @@ install_cert_manager_crds() {
   step "cert-manager CRDs: installed in $crds_dir"
 }
 
+# refcheck: github.com/distribution/reference, the image-name parser of the kubelet,
+# containerd and CRI-O, behind a line-oriented CLI; the oracle tests/unit/test_images_runtime.py
+# compares webhook/images.py with. Its go.mod pins the version k8s.io/kubernetes requires.
+build_refcheck() {
+  if have_all "$refcheck_dir" refcheck; then step "refcheck: present in $refcheck_dir"; return; fi
+  local tmp="$cache/src/refcheck-$refcheck_key.out.$$"; rm -rf "$tmp"; mkdir -p "$tmp"
+  step "refcheck: compiling hack/refcheck (cold: under a minute)"
+  run_logged "$cache/logs/refcheck-$refcheck_key.log" \
+    bash -c "cd '$here/refcheck' && GOFLAGS=-mod=readonly go build -v -trimpath -ldflags '-s -w' -o '$tmp/refcheck' ."
+  finish "$tmp" "$refcheck_dir"
+  step "refcheck: built in $refcheck_dir"
+}
+
+# `build-binaries.sh refcheck` builds only the oracle (the unit tests need nothing else)
+if [[ "${1:-}" == "refcheck" ]]; then
+  build_refcheck
+  exit 0
+fi
+
 step "cache: $cache (override with PREWARM_CACHE_DIR); $(go version)"
 build_etcd
 build_kubernetes
@@ -204,5 +229,6 @@ build_go_install helm "$HELM_VERSION" "$helm_dir" helm.sh/helm/v3/cmd/helm \
 # hey: the HTTP load generator of `make bench` (a Go client with keep-alive and a fixed
 # per-worker rate, so the measured latencies are the server's, not a Python client's).
 build_go_install hey "$HEY_VERSION" "$hey_dir" github.com/rakyll/hey "-s -w"
+build_refcheck
 step "all binaries ready"
-printf '  %s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir" "$hey_dir"
+printf '  %s\n' "$k8s_dir" "$etcd_dir" "$kwok_dir" "$helm_dir" "$crds_dir" "$hey_dir" "$refcheck_dir"
