@@ -177,3 +177,15 @@ def test_deliberate_differences_are_the_documented_ones(refcheck: Path) -> None:
     image_id = f"sha256:{'a' * 64}"
     assert resolve_upstream(refcheck, [image_id]) == [f"docker.io/library/sha256:{'a' * 64}"]
     assert resolve_ours(image_id) is None
+
+
+def test_a_fresh_cache_builds_the_oracle_alone(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # `make test-unit` on a fresh machine: refcheck is built, and not the control plane
+    monkeypatch.setenv("PREWARM_CACHE_DIR", str(tmp_path))
+    built = find_binary("refcheck")
+    assert built.is_relative_to(tmp_path)
+    assert resolve_upstream(built, ["nginx"]) == ["docker.io/library/nginx:latest"]
+    tools = sorted(entry.name for entry in tmp_path.iterdir() if entry.name not in ("src", "logs"))
+    assert tools == [built.parents[1].name]
+    assert tools[0].startswith("refcheck-")
