@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+import urllib3
 import yaml
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
@@ -603,6 +604,10 @@ def run(settings: Settings, *, once: bool = False) -> int:
         except (StoreUnavailable, ApiException) as error:
             logger.error("reconcile failed: %s", error if isinstance(error, StoreUnavailable)
                          else describe_error(error))
+            return 1
+        except (urllib3.exceptions.HTTPError, OSError) as error:  # unreachable, timed out
+            logger.error("reconcile failed: cannot reach the API server: %s",
+                         describe_error(error))
             return 1
         print(json.dumps({"daemonsets": result.daemonsets, "outcome": result.outcome,
                           "backfilled": len(result.backfilled),
