@@ -520,11 +520,20 @@ class Schedule:
 
 
 class _Health(BaseHTTPRequestHandler):
+    """/healthz (live), /readyz (ready) and /metrics. Ready is always 200: a standby is
+    ready to take over, and a failing pass is retried with backoff, which restarting
+    or unreadying the pod would not help; the body says which."""
+
+    def readiness(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
     def do_GET(self):  # noqa: N802
         if self.path == "/metrics":
             body, content_type = metrics.exposition()
         elif self.path == "/healthz":
             body, content_type = b'{"status":"ok"}', "application/json"
+        elif self.path == "/readyz":
+            body, content_type = json.dumps(self.readiness()).encode(), "application/json"
         else:
             self.send_error(404)
             return
@@ -613,9 +622,6 @@ def run(settings: Settings, *, once: bool = False) -> int:
                           "backfilled": len(result.backfilled),
                           "expired": len(result.expired), "failing": result.failing}))
         return 0
-    if settings.health_port:
-        server = ThreadingHTTPServer(("0.0.0.0", settings.health_port), _Health)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
     identity = settings.identity or f"{socket.gethostname()}-{os.getpid()}"
     elector = LeaseElector(reconciler.api, settings, identity)
     reconciler.may_write = elector.is_leader
@@ -639,6 +645,14 @@ def run(settings: Settings, *, once: bool = False) -> int:
         threading.Thread(target=reconciler.pod_images.run, args=(stop,), daemon=True,
                          name="watch-pods").start()
     schedule = Schedule(settings)
+    if settings.health_port:
+        class Health(_Health):
+            def readiness(self) -> dict[str, Any]:
+                return {"status": "ok", "leader": elector.is_leader(),
+                        "failedPasses": schedule.failures}
+
+        server = ThreadingHTTPServer(("0.0.0.0", settings.health_port), Health)
+        threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
 
     def terminate(*_args) -> None:  # a pod is stopped with SIGTERM
         raise KeyboardInterrupt

@@ -154,7 +154,7 @@ FIELDS: tuple[Field, ...] = (
           "pods (comma-separated, in Prewarm's namespace)", RECONCILE),
     Field("max_unavailable", "10%", str, "rollingUpdate.maxUnavailable of the DaemonSet",
           RECONCILE),
-    Field("health_port", "8081", int, "reconciler's /healthz and /metrics port (0: off)",
+    Field("health_port", "8081", int, "reconciler's /healthz, /readyz and /metrics port (0: off)",
           RECONCILER),
 )
 

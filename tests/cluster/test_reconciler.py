@@ -502,6 +502,11 @@ def test_a_pass_that_keeps_failing_is_retried_ever_less_often_and_counted(
             scrape = page.read().decode()
         assert any(line.startswith('prewarm_reconciles_total{outcome="error"} ') and
                    float(line.split()[-1]) >= 3 for line in scrape.splitlines()), scrape
+        # ready all the same (a restart would not help), and the body says why not well
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as page:
+            ready = json.loads(page.read())
+        assert ready["status"] == "ok" and ready["leader"] is True
+        assert ready["failedPasses"] >= 3
     finally:
         process.stop()
         core.delete_namespaced_config_map("learned-images", prewarm_ns)

@@ -471,9 +471,10 @@ def test_reconciler_deployment() -> None:
     assert parsed.image_pull_secrets == ("regcred", "other")
     assert parsed.allow == ("ghcr.io/acme", "docker.io/library")
     assert parsed.resync_period == 300 and parsed.image_ttl == 30 * 86400
-    get = container["livenessProbe"]["httpGet"]
-    assert (get["path"], get["scheme"]) == ("/healthz", "HTTP")
-    assert get["port"] in (8081, "health")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert (get["path"], get["scheme"]) == (path, "HTTP")
+        assert get["port"] in (8081, "health")
 
 
 @MODES
