@@ -297,6 +297,27 @@ def test_mutating_webhook_is_off_by_default_and_narrow_when_on() -> None:
 
 # -- labels and pod security ---------------------------------------------------------------
 
+@pytest.mark.parametrize("mode", ["cert-manager", "job"])
+def test_the_longest_release_name_gives_valid_names_and_labels(mode: str) -> None:
+    # helm allows release names of 53 characters; a Job's name becomes a label of its
+    # pods, a Service's a DNS label: both at most 63, as is every label value
+    release = "r" * 53
+    result = run_helm("template", release, str(CHART), "--namespace", NAMESPACE,
+                      "--set", f"certs.mode={mode}", "--set", "mutate.enabled=true")
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    too_long = [(obj["kind"], obj["metadata"]["name"]) for obj in objects
+                if obj["kind"] in ("Job", "Service") and len(obj["metadata"]["name"]) > 63]
+    assert too_long == []
+    labels = [value for obj in objects for value in
+              [*(obj["metadata"].get("labels") or {}).values(),
+               *(((obj.get("spec") or {}).get("template") or {}).get("metadata", {})
+                 .get("labels") or {}).values()]]
+    assert labels and max(map(len, labels)) <= 63
+    if mode == "job":
+        assert len(find(objects, "Job")) == 2
+
+
 @MODES
 def test_every_object_carries_the_recommended_labels(extra: tuple[str, ...]) -> None:
     for obj in render(*extra):
