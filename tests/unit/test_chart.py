@@ -490,6 +490,14 @@ def test_reconciler_deployment() -> None:
     assert parsed.tolerations == [{"operator": "Exists"}]
     assert parsed.affinity == {}
     assert parsed.image_pull_secrets == ("regcred", "other")
+    # a mirror of Prewarm's own image: its helper container in the pre-pull pods needs
+    # the chart's pull secret too (listed once)
+    mirrored = one(render("--set", "prepuller.imagePullSecrets[0].name=regcred",
+                          "--set", "imagePullSecrets[0].name=mirror",
+                          "--set", "imagePullSecrets[1].name=regcred"),
+                   "Deployment", f"{RELEASE}-reconciler")
+    (mirrored_container,) = pod_spec(mirrored)["containers"]
+    assert env_of(mirrored_container)["PREWARM_IMAGE_PULL_SECRETS"] == "regcred,mirror"
     assert parsed.allow == ("ghcr.io/acme", "docker.io/library")
     assert parsed.resync_period == 300 and parsed.image_ttl == 30 * 86400
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):

@@ -169,14 +169,16 @@ Volumes every Prewarm container needs with a read-only root filesystem.
 {{- end -}}
 
 {{/*
-Comma-separated names of prepuller.imagePullSecrets (PREWARM_IMAGE_PULL_SECRETS).
+Comma-separated names of prepuller.imagePullSecrets, then imagePullSecrets
+(PREWARM_IMAGE_PULL_SECRETS): the pre-pull pods also run Prewarm's own image (the
+helper container), so the secrets that pull it for the chart's pods pull it there too.
 */}}
 {{- define "prewarm.prepullerPullSecretNames" -}}
 {{- $names := list -}}
-{{- range .Values.prepuller.imagePullSecrets -}}
+{{- range concat .Values.prepuller.imagePullSecrets .Values.imagePullSecrets -}}
 {{- $names = append $names .name -}}
 {{- end -}}
-{{- join "," $names -}}
+{{- join "," ($names | uniq) -}}
 {{- end -}}
 
 {{/*
