@@ -45,6 +45,9 @@ COPY webhook/ /app/webhook/
 COPY certs/ /app/certs/
 COPY --from=noop /out/prewarm-noop /usr/local/bin/prewarm-noop
 
+# The chart also runs `cp` (the helper's copy into the pre-pull pods) and `sleep` (the
+# observer's preStop drain) from this image: coreutils, in the python:slim base.
+
 # Numeric, so `runAsNonRoot` can be verified by the kubelet without a passwd entry.
 USER 65532:65532
 

@@ -455,6 +455,13 @@ def test_observer_deployment() -> None:
     assert {"name": "https", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
     anti = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    # a stopping pod serves on while endpoints catch up, then has gunicorn's 20 s
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert spec["terminationGracePeriodSeconds"] == 35
+    undrained = one(render("--set", "observer.drainSeconds=0"), "Deployment",
+                    f"{RELEASE}-observer")
+    assert "lifecycle" not in pod_spec(undrained)["containers"][0]
+    assert pod_spec(undrained)["terminationGracePeriodSeconds"] == 30
     pdb = one(objects, "PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
