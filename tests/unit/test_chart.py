@@ -9,7 +9,9 @@ API server rejects, or learned data wiped by an upgrade.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from webhook import images
 from webhook import settings as prewarm_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,6 +144,8 @@ def test_lint_strict_is_clean(extra: tuple[str, ...]) -> None:
     ("reconciler.serviceAccount.name=x/ok", "name"),
     ("prepuller.maxUnavailable=0%", "maxUnavailable"),
     ("daemonSetName=prewarm-images-2", "daemonSetName"),
+    ("learning.deny[0]=ghcr.io/acme/", "deny"),
+    ("learning.allow[0]=ghcr.io/ACME", "allow"),
 ])
 def test_schema_rejects_bad_values_naming_them(setting: str, named: str) -> None:
     for command in ("lint", "template"):
@@ -155,9 +160,36 @@ def test_schema_rejects_bad_values_naming_them(setting: str, named: str) -> None
         assert named in output, output
 
 
+IMAGE_PATTERNS = [
+    "ghcr.io", "ghcr.io/acme", "ghcr.io/acme/*/tools", "GHCR.io/acme", "reg.io:5000/x",
+    "localhost", "localhost:5000/a", "[::1]:5000/a", "docker.io/library", "nginx",
+    "library/nginx", "bitnami/redis", "*", "*/x", "a_b", "a__b/c", "a-b/c.d", "Foo",
+    "index.docker.io/x",
+    # refused at start by the observer and the reconciler
+    "ghcr.io/acme/", "/ghcr.io", "ghcr.io//x", "ghcr.io/ACME", "ghcr.io/a#b", "foo_bar.com",
+    "A_b/x", "foo-/x", "ghcr.io/acme:1.0", "ghcr.io/acme@sha256:" + "a" * 64, "reg.io:x/a",
+    "ghcr.io/**", "ghcr.io/a*", "-x", "x.", "[::1/x", "ghcr.io/a b",
+]
+
+
+@pytest.mark.parametrize("key", ["allow", "deny"])
+def test_schema_takes_exactly_the_image_patterns_the_settings_take(key: str) -> None:
+    # whatever the schema lets through, the observer and the reconciler accept at start
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    pattern = schema["properties"]["learning"]["properties"][key]["items"]["pattern"]
+    for text in IMAGE_PATTERNS:
+        try:
+            images.ImageFilter(**{key: [text]})
+            valid = True
+        except ValueError:
+            valid = False
+        assert (re.fullmatch(pattern, text) is not None) == valid, text
+
+
 @pytest.mark.parametrize("setting,named", [
     ("learning.imageTTL=90s", "learning.imageTTL (90s) must be longer than 6h"),
     ("prepuller.resyncPeriod=30d", "plus prepuller.resyncPeriod (30d)"),
+    ("prepuller.resyncPeriod=0s", "prepuller.resyncPeriod (0s) must be more than 0"),
 ])
 def test_an_image_ttl_shorter_than_the_refresh_fails_rendering(setting: str, named: str) -> None:
     """A check across two values, in the templates (the schema compares none): what

@@ -200,6 +200,9 @@ checks the same).
 {{- define "prewarm.checks" -}}
 {{- $ttl := include "prewarm.seconds" .Values.learning.imageTTL | float64 -}}
 {{- $resync := include "prewarm.seconds" .Values.prepuller.resyncPeriod | float64 -}}
+{{- if le $resync 0.0 -}}
+{{- fail (printf "prepuller.resyncPeriod (%s) must be more than 0" (toString .Values.prepuller.resyncPeriod)) -}}
+{{- end -}}
 {{- if le $ttl (addf 21600 $resync) -}}
 {{- fail (printf "learning.imageTTL (%s) must be longer than 6h (how often a running image's lastSeen is refreshed) plus prepuller.resyncPeriod (%s): an image in use would expire between two refreshes" (toString .Values.learning.imageTTL) (toString .Values.prepuller.resyncPeriod)) -}}
 {{- end -}}
