@@ -238,6 +238,9 @@ def test_notes_name_every_secret_uninstall_leaves(mode: str, secrets: str, tmp_p
     assert result.returncode == 0, result.stderr
     notes = yaml.safe_load(result.stdout)["notes"]
     assert f"kubectl delete secret {secrets} -n {NAMESPACE}" in notes, notes
+    # what a forced upgrade loses, and (job mode) the certificate nothing renews alone
+    assert "never `--force`" in notes
+    assert ("The serving certificate lasts 365 days" in notes) == (mode == "job"), notes
 
 
 # Values whose content is Kubernetes' own schema (documented by the key above them).
