@@ -24,6 +24,29 @@ def test_every_setting_is_in_the_readme_with_its_flag_and_default(field):
     assert row.split(" | ")[3] == ", ".join(field.commands), "commands column"
 
 
+def certs_variables() -> dict[str, tuple[str, str, list[str]]]:
+    """variable -> (flag, default, commands) of `python -m certs`."""
+    from certs.__main__ import COMMANDS as CERTS_COMMANDS
+
+    found: dict[str, tuple[str, str, list[str]]] = {}
+    for command, (_summary, _description, options) in CERTS_COMMANDS.items():
+        for option in options:
+            if option.env:
+                default = "(empty)" if option.default is None else str(option.default)
+                found.setdefault(option.env, (option.flag, default, []))[2].append(command)
+    return found
+
+
+def test_every_certs_variable_is_in_the_readme_with_its_flag_default_and_commands():
+    section = README[README.index("The certificate tool, `python -m certs"):]
+    variables = certs_variables()
+    assert len(variables) >= 10
+    for env, (flag, default, commands) in variables.items():
+        row = next((line for line in section.splitlines() if line.startswith(f"| `{env}` |")), "")
+        assert row, f"{env} missing from the README's certs table"
+        assert row.split(" | ")[1:4] == [f"`{flag}`", f"`{default}`", ", ".join(commands)], row
+
+
 def test_readme_leads_with_the_two_commands():
     assert README.index("make demo") < README.index("make test") < README.index("helm install")
     assert "kubectl label namespace" in README and "kubectl get configmap learned-images" in README
