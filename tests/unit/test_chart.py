@@ -452,6 +452,11 @@ def test_learned_images_and_lease_are_precreated_and_data_is_kept() -> None:
     configmap = one(objects, "ConfigMap", "learned-images")
     assert configmap["data"] == {}
     assert configmap["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # labelled as the store labels one it creates: one selector finds it either way
+    from webhook.store import LABELS
+
+    component = "app.kubernetes.io/component"
+    assert configmap["metadata"]["labels"][component] == LABELS[component]
     lease = one(objects, "Lease", "prewarm-reconciler")
     assert lease["apiVersion"] == "coordination.k8s.io/v1"
     assert lease["metadata"]["namespace"] == NAMESPACE
