@@ -7,13 +7,11 @@ Every setting is a flag with a `PREWARM_*` environment equivalent (see settings.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from webhook import settings as settings_module
 from webhook.logs import setup as setup_logging
 
-logger = logging.getLogger("webhook")
 
 COMMANDS = {
     "serve": "run the observer: the admission webhook (gunicorn + flask over HTTPS) that "
