@@ -74,12 +74,14 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
     return _one_line(text, limit)
 
 
-def list_pages(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """A list call in pages of 500, each page's JSON decoded by us: building the client's
-    model objects for 20,000 pods costs seconds, and callers need a handful of fields."""
+def list_pages(call: Callable[..., Any], *args: Any, page_size: int = 500,
+               **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """A list call in pages of `page_size`, each page's JSON decoded by us: building the
+    client's model objects for 20,000 pods costs seconds, and callers need a handful of
+    fields."""
     token = None
     while True:
-        response = call(*args, limit=500, _continue=token, _preload_content=False,
+        response = call(*args, limit=page_size, _continue=token, _preload_content=False,
                         _request_timeout=LIST_TIMEOUT, **kwargs)
         page = json.loads(response.data)
         yield page

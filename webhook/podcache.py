@@ -63,8 +63,14 @@ def events(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 class PodImages:
-    def __init__(self, core: client.CoreV1Api, image_filter: images.ImageFilter):
+    def __init__(self, core: client.CoreV1Api, image_filter: images.ImageFilter, *,
+                 skip_namespace: str = ""):
         self.core, self.filter = core, image_filter
+        # Prewarm's own namespace is never learned, and its prepuller pods are the
+        # largest in the cluster (an init container per image): the API server leaves
+        # them out of the list and the watch rather than this process decoding them.
+        self._selector = {"field_selector": f"metadata.namespace!={skip_namespace}"} \
+            if skip_namespace else {}
         self._pods: dict[tuple[str, str], tuple[str, ...]] = {}
         self._lock = threading.Lock()
         self.synced = threading.Event()
@@ -77,7 +83,7 @@ class PodImages:
         """Replaces the cache with a fresh list; returns the list's resourceVersion."""
         pods: dict[tuple[str, str], tuple[str, ...]] = {}
         version = ""
-        for page in list_pages(self.core.list_pod_for_all_namespaces):
+        for page in list_pages(self.core.list_pod_for_all_namespaces, **self._selector):
             for pod in page.get("items") or []:
                 found = learnable(pod, self.filter)
                 if found:
@@ -101,7 +107,7 @@ class PodImages:
         response = self.core.list_pod_for_all_namespaces(
             watch=True, resource_version=version, timeout_seconds=300,
             allow_watch_bookmarks=True, _preload_content=False,
-            _request_timeout=WATCH_TIMEOUT)
+            _request_timeout=WATCH_TIMEOUT, **self._selector)
         try:
             yield from events(iter_resp_lines(response))
         finally:

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import urllib3
 import yaml
@@ -33,7 +33,7 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from webhook import daemonset, images, metrics
-from webhook.kube import api_client, describe_error, list_items
+from webhook.kube import api_client, describe_error, list_items, list_pages
 from webhook.podcache import PodImages, learnable
 from webhook.settings import Settings
 from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
@@ -50,6 +50,38 @@ FAILURE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                    "CrashLoopBackOff")
 FIELD_MANAGER = "prewarm-reconciler"
 TIMEOUT = (3, 30)
+# Prepuller pods are read this many at a time: one carries an init container (spec,
+# status, managedFields) per image of its shard, ~160 kB of JSON and ~0.8 MB decoded
+# for 100 images, so a page of 500 would hold ~400 MB at once.
+PREPULLER_PAGE = 20
+
+
+class PrepullerPod(NamedTuple):
+    """What a pass needs of one prepuller pod, kept instead of the pod (see
+    PREPULLER_PAGE): a pass reads one per node and shard."""
+
+    name: str
+    node: str
+    terminating: bool  # deletionTimestamp set: its statuses are of the past
+    pulled: frozenset[str]  # init containers that finished with exit code 0
+    failing: tuple[tuple[str, str], ...]  # (init container, FAILURE_REASON it waits with)
+
+    @classmethod
+    def of(cls, pod: dict[str, Any]) -> PrepullerPod:
+        metadata = pod.get("metadata") or {}
+        pulled, failing = set(), []
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            state = status.get("state") or {}
+            terminated = state.get("terminated")
+            if terminated and terminated.get("exitCode") == 0:
+                pulled.add(status.get("name", ""))
+            reason = (state.get("waiting") or {}).get("reason")
+            if reason in FAILURE_REASONS:
+                failing.append((status.get("name", ""), reason))
+        return cls(name=metadata.get("name", "?"),
+                   node=(pod.get("spec") or {}).get("nodeName") or "",
+                   terminating=bool(metadata.get("deletionTimestamp")),
+                   pulled=frozenset(pulled), failing=tuple(failing))
 
 
 class LeaseMissing(RuntimeError):
@@ -116,13 +148,18 @@ class Reconciler:
                     observed.setdefault(image, Observation()).add(namespace, now)
         return observed
 
-    def prepuller_pods(self) -> list[dict[str, Any]]:
-        return [pod for pod in list_items(
-            self.core.list_namespaced_pod, self.settings.namespace,
-            label_selector=f"app.kubernetes.io/name=prewarm,"
-                           f"app.kubernetes.io/component={daemonset.COMPONENT}")
-            if daemonset.is_own_shard(((pod.get("metadata") or {}).get("labels") or {}).get(
-                daemonset.DAEMONSET_LABEL, ""), self.settings)]
+    def prepuller_pods(self) -> list[PrepullerPod]:
+        pods = []
+        for page in list_pages(
+                self.core.list_namespaced_pod, self.settings.namespace,
+                page_size=PREPULLER_PAGE,
+                label_selector=f"app.kubernetes.io/name=prewarm,"
+                               f"app.kubernetes.io/component={daemonset.COMPONENT}"):
+            pods.extend(PrepullerPod.of(pod) for pod in page.get("items") or []
+                        if daemonset.is_own_shard(((pod.get("metadata") or {}).get("labels")
+                                                   or {}).get(daemonset.DAEMONSET_LABEL, ""),
+                                                  self.settings))
+        return pods
 
     def live_daemonsets(self) -> dict[str, dict[str, Any]]:
         """This release's shards only (see daemonset.is_own_shard)."""
@@ -254,7 +291,7 @@ class Reconciler:
 
 
 def apply_warm_states(learned: LearnedSet, settings: Settings, live: dict[str, dict[str, Any]],
-                      pods: list[dict[str, Any]], containers: dict[str, str]) -> bool:
+                      pods: list[PrepullerPod], containers: dict[str, str]) -> bool:
     """warm / pending (+ warmNodes) from the prepuller pods' init statuses: an image is
     warm when its pull finished on as many nodes as its DaemonSet schedules to.
 
@@ -271,12 +308,10 @@ def apply_warm_states(learned: LearnedSet, settings: Settings, live: dict[str, d
                 in_live[container["image"]] = name
     warm_nodes: dict[str, set[str]] = {}
     for pod in pods:
-        node = (pod.get("spec") or {}).get("nodeName") or ""
-        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
-            image = containers.get(status.get("name", ""))
-            terminated = (status.get("state") or {}).get("terminated")
-            if image and node and terminated and terminated.get("exitCode") == 0:
-                warm_nodes.setdefault(image, set()).add(node)
+        for name in pod.pulled:
+            image = containers.get(name)
+            if image and pod.node:
+                warm_nodes.setdefault(image, set()).add(pod.node)
     changed = False
     for record in learned.records.values():
         if record.state.startswith("failing"):
@@ -302,26 +337,26 @@ def _rolling_out(ds: dict[str, Any]) -> bool:
         status.get("updatedNumberScheduled", 0) < status.get("desiredNumberScheduled", 0)
 
 
-def _failing_init_containers(pods: list[dict[str, Any]]):
-    """(pod, container name, reason) for init containers waiting with a FAILURE_REASON."""
+def _failing_init_containers(pods: list[PrepullerPod]):
+    """(pod, container name, reason) for init containers waiting with a FAILURE_REASON,
+    in pods not being deleted: a pod stuck terminating (its node gone) keeps the status
+    it had, which would mark its image failing again at every retry."""
     for pod in pods:
-        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
-            reason = ((status.get("state") or {}).get("waiting") or {}).get("reason")
-            if reason in FAILURE_REASONS:
-                yield pod, status.get("name", ""), reason
+        if not pod.terminating:
+            for name, reason in pod.failing:
+                yield pod, name, reason
 
 
-def failed_pulls(pods: list[dict[str, Any]], containers: dict[str, str]) -> dict[str, str]:
+def failed_pulls(pods: list[PrepullerPod], containers: dict[str, str]) -> dict[str, str]:
     """image -> reason, for pull containers waiting with an image-pull failure."""
     return {containers[name]: reason for _pod, name, reason in _failing_init_containers(pods)
             if name in containers}
 
 
-def helper_failures(pods: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+def helper_failures(pods: list[PrepullerPod]) -> dict[str, tuple[str, str]]:
     """pod -> (node, reason), for prepuller pods whose first initContainer (the helper
     from Prewarm's own image) waits with a failure: no pull after it can run there."""
-    return {(pod.get("metadata") or {}).get("name", "?"):
-            ((pod.get("spec") or {}).get("nodeName") or "(no node)", reason)
+    return {pod.name: (pod.node or "(no node)", reason)
             for pod, name, reason in _failing_init_containers(pods)
             if name == daemonset.HELPER_CONTAINER}
 
@@ -641,7 +676,8 @@ def run(settings: Settings, *, once: bool = False) -> int:
     threading.Thread(target=_watch_learned, args=(reconciler, trigger, stop), daemon=True,
                      name="watch-learned-images").start()
     if settings.backfill:
-        reconciler.pod_images = PodImages(reconciler.core, reconciler.filter)
+        reconciler.pod_images = PodImages(reconciler.core, reconciler.filter,
+                                          skip_namespace=settings.namespace)
         threading.Thread(target=reconciler.pod_images.run, args=(stop,), daemon=True,
                          name="watch-pods").start()
     schedule = Schedule(settings)

@@ -421,7 +421,12 @@ def test_backfill_from_the_watched_pod_cache_follows_pods_without_relisting(
 
     team = namespace_factory("team", {"prewarm.io/learn": "enabled"})
     quiet = namespace_factory("quiet")
-    cache = PodImages(core, ImageFilter())
+    # Prewarm's own namespace (labelled too, to be sure): the API server leaves its pods
+    # out of the cache's list and watch
+    own = namespace_factory("own", {"prewarm.io/learn": "enabled"})
+    core.create_namespaced_pod(own, {"metadata": {"name": "early"}, "spec": {
+        "containers": [{"name": "c", "image": "cache.example.com/own-early:1"}]}})
+    cache = PodImages(core, ImageFilter(), skip_namespace=own)
     stop = threading.Event()
     watcher = threading.Thread(target=cache.run, args=(stop,), daemon=True)
     watcher.start()
@@ -430,13 +435,16 @@ def test_backfill_from_the_watched_pod_cache_follows_pods_without_relisting(
         # created after the list: only the watch can bring these in
         core.create_namespaced_pod(team, {"metadata": {"name": "late"}, "spec": {
             "containers": [{"name": "c", "image": "cache.example.com/late:1"}]}})
+        core.create_namespaced_pod(own, {"metadata": {"name": "late"}, "spec": {
+            "containers": [{"name": "c", "image": "cache.example.com/own-late:1"}]}})
         core.create_namespaced_pod(quiet, {"metadata": {"name": "late"}, "spec": {
             "containers": [{"name": "c", "image": "cache.example.com/quiet:1"}]}})
         seen = eventually("the new pod's image in the cache", lambda: (lambda o: o if
                           "cache.example.com/late:1" in o else None)(
-            cache.observations({team}, 0.0)), timeout=30)
+            cache.observations({team, own}, 0.0)), timeout=30)
         assert seen["cache.example.com/late:1"].namespaces == {team}
         assert "cache.example.com/quiet:1" not in seen  # not an opted-in namespace
+        assert not {"cache.example.com/own-early:1", "cache.example.com/own-late:1"} & set(seen)
 
         reconciler = Reconciler(settings_for(prewarm_ns, backfill=True), cluster.api_client())
         reconciler.pod_images = cache

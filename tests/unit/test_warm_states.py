@@ -4,7 +4,7 @@ logic on the objects the API server returns."""
 from __future__ import annotations
 
 from webhook import daemonset
-from webhook.reconciler import apply_warm_states
+from webhook.reconciler import PrepullerPod, apply_warm_states, failed_pulls, helper_failures
 from webhook.settings import Settings
 from webhook.store import LearnedSet, Observation, merge, parse_time
 
@@ -34,11 +34,11 @@ def live(*, generation: int = 1, observed: int = 1, desired: int = 3,
                    "updatedNumberScheduled": updated}}}
 
 
-def pod(node: str, *, pulled: bool) -> dict:
+def pod(node: str, *, pulled: bool) -> PrepullerPod:
     state = ({"terminated": {"exitCode": 0}} if pulled
              else {"waiting": {"reason": "PodInitializing"}})
-    return {"spec": {"nodeName": node},
-            "status": {"initContainerStatuses": [{"name": PULL, "state": state}]}}
+    return PrepullerPod.of({"spec": {"nodeName": node},
+                            "status": {"initContainerStatuses": [{"name": PULL, "state": state}]}})
 
 
 def state_of(learned: LearnedSet) -> tuple[str, int]:
@@ -80,3 +80,46 @@ def test_a_daemonset_scheduling_no_pod_makes_nothing_warm():
     assert not apply_warm_states(learned, Settings(), live(desired=0, updated=0), [],
                                  {PULL: IMAGE})
     assert state_of(learned) == ("pending", 0)
+
+
+def full_pod(*, deleting: bool = False) -> dict:
+    """A prepuller pod as the API server lists it (abridged): the helper done, one pull
+    done, one pull failing, one not started."""
+    done = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+    metadata = {"name": "prewarm-images-x1", "namespace": "prewarm",
+                "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]}
+    if deleting:
+        metadata["deletionTimestamp"] = "2026-11-22T09:00:00Z"
+    return {"metadata": metadata,
+            "spec": {"nodeName": "n1", "initContainers": [{"name": PULL, "image": IMAGE}]},
+            "status": {"initContainerStatuses": [
+                {"name": daemonset.HELPER_CONTAINER, "state": done},
+                {"name": PULL, "state": done},
+                {"name": "pull-broken", "state": {"waiting": {"reason": "ImagePullBackOff",
+                                                              "message": "back-off"}}},
+                {"name": "pull-later", "state": {"waiting": {"reason": "PodInitializing"}}},
+                {"name": "pull-crashed", "state": {"terminated": {"exitCode": 1}}}]}}
+
+
+def test_a_prepuller_pod_is_kept_as_what_a_pass_reads():
+    kept = PrepullerPod.of(full_pod())
+    assert kept == PrepullerPod(name="prewarm-images-x1", node="n1", terminating=False,
+                                pulled=frozenset({daemonset.HELPER_CONTAINER, PULL}),
+                                failing=(("pull-broken", "ImagePullBackOff"),))
+    assert PrepullerPod.of(full_pod(deleting=True)).terminating
+
+
+def test_a_terminating_pods_old_failures_mark_nothing_failing():
+    # a pod stuck terminating on a lost node keeps its last statuses for ever: they
+    # must not mark the image failing again at each retry
+    containers = {"pull-broken": "registry.example.com/broken:1"}
+    assert failed_pulls([PrepullerPod.of(full_pod())], containers) == {
+        "registry.example.com/broken:1": "ImagePullBackOff"}
+    assert failed_pulls([PrepullerPod.of(full_pod(deleting=True))], containers) == {}
+    helper_stuck = full_pod(deleting=True)
+    helper_stuck["status"]["initContainerStatuses"][0]["state"] = {
+        "waiting": {"reason": "ErrImagePull"}}
+    assert helper_failures([PrepullerPod.of(helper_stuck)]) == {}
+    helper_stuck["metadata"].pop("deletionTimestamp")
+    assert helper_failures([PrepullerPod.of(helper_stuck)]) == {
+        "prewarm-images-x1": ("n1", "ErrImagePull")}
