@@ -1,5 +1,6 @@
-"""The images of every running Pod, kept current by list + watch (an informer that keeps
-only what backfill needs).
+"""Pods kept current by list + watch: informers that keep a summary per pod, not the
+object. `PodImages`: the images of every running Pod, for backfill. The reconciler also
+watches its prepuller pods this way (reconciler.PrepullerPod).
 
 Listing 20,000 pods costs the API server seconds of work at each resync; a watch costs
 it almost nothing between changes. Per pod we keep the tuple of its learnable images
@@ -9,10 +10,11 @@ kept, so a namespace labelled later is backfilled at the next pass without a re-
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -23,6 +25,8 @@ from webhook.kube import describe_error, list_pages
 from webhook.store import Observation
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 WATCH_TIMEOUT = (3, 330)  # the server closes a watch after timeout_seconds=300
 DONE_PHASES = ("Succeeded", "Failed")
@@ -62,16 +66,22 @@ def events(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         yield kind, obj
 
 
-class PodImages:
-    def __init__(self, core: client.CoreV1Api, image_filter: images.ImageFilter, *,
-                 skip_namespace: str = ""):
-        self.core, self.filter = core, image_filter
-        # Prewarm's own namespace is never learned, and its prepuller pods are the
-        # largest in the cluster (an init container per image): the API server leaves
-        # them out of the list and the watch rather than this process decoding them.
-        self._selector = {"field_selector": f"metadata.namespace!={skip_namespace}"} \
-            if skip_namespace else {}
-        self._pods: dict[tuple[str, str], tuple[str, ...]] = {}
+class PodWatch(Generic[T]):
+    """Pods kept current by list + watch, each as `summarize(pod)` (None: not kept).
+
+    `namespace` empty: every namespace; `selector`: the list's and the watch's label
+    and field selectors. `page_size`: pods decoded at once when listing (see
+    kube.list_pages)."""
+
+    def __init__(self, core: client.CoreV1Api, summarize: Callable[[dict[str, Any]], T | None],
+                 *, what: str, namespace: str = "", page_size: int = 500,
+                 **selector: str):
+        self.core, self.summarize, self.what = core, summarize, what
+        self._call: Callable[..., Any] = functools.partial(
+            core.list_namespaced_pod, namespace) if namespace \
+            else core.list_pod_for_all_namespaces
+        self._page_size, self._selector = page_size, selector
+        self._pods: dict[tuple[str, str], T] = {}
         self._lock = threading.Lock()
         self.synced = threading.Event()
 
@@ -81,13 +91,13 @@ class PodImages:
 
     def relist(self) -> str:
         """Replaces the cache with a fresh list; returns the list's resourceVersion."""
-        pods: dict[tuple[str, str], tuple[str, ...]] = {}
+        pods: dict[tuple[str, str], T] = {}
         version = ""
-        for page in list_pages(self.core.list_pod_for_all_namespaces, **self._selector):
+        for page in list_pages(self._call, page_size=self._page_size, **self._selector):
             for pod in page.get("items") or []:
-                found = learnable(pod, self.filter)
-                if found:
-                    pods[self._key(pod)] = found
+                summary = self.summarize(pod)
+                if summary is not None:
+                    pods[self._key(pod)] = summary
             version = (page.get("metadata") or {}).get("resourceVersion", version)
         with self._lock:
             self._pods = pods
@@ -95,16 +105,21 @@ class PodImages:
 
     def apply(self, kind: str, pod: dict[str, Any]) -> None:
         key = self._key(pod)
-        found = () if kind == "DELETED" else learnable(pod, self.filter)
+        summary = None if kind == "DELETED" else self.summarize(pod)
         with self._lock:
-            if found:
-                self._pods[key] = found
+            if summary is not None:
+                self._pods[key] = summary
             else:
                 self._pods.pop(key, None)
 
+    def items(self) -> list[tuple[tuple[str, str], T]]:
+        """((namespace, name), summary) of every pod kept, as of now."""
+        with self._lock:
+            return list(self._pods.items())
+
     def watch(self, version: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """The pod events after `version` until the server ends the watch (300 s)."""
-        response = self.core.list_pod_for_all_namespaces(
+        response = self._call(
             watch=True, resource_version=version, timeout_seconds=300,
             allow_watch_bookmarks=True, _preload_content=False,
             _request_timeout=WATCH_TIMEOUT, **self._selector)
@@ -128,26 +143,38 @@ class PodImages:
                     if kind != "BOOKMARK":
                         self.apply(kind, obj)
             except WatchExpired as expired:  # routine after compaction: list again now
-                logger.info("pod watch expired (%s); listing pods again", expired)
+                logger.info("%s watch expired (%s); listing pods again", self.what, expired)
                 version = None
             except ApiException as error:
                 if error.status != 410:
-                    logger.warning("pod watch failed: %s", describe_error(error))
+                    logger.warning("%s watch failed: %s", self.what, describe_error(error))
                     stop.wait(5)
                 version = None  # too old or broken: start again from a fresh list
             except Exception as error:  # connection errors
                 if stop.is_set():
                     return  # the API server went away as we stopped: nothing to say
-                logger.warning("pod watch failed: %s", describe_error(error))
+                logger.warning("%s watch failed: %s", self.what, describe_error(error))
                 version = None
                 stop.wait(5)
+
+
+class PodImages(PodWatch[tuple[str, ...]]):
+    """The learnable images of every running pod, for backfill."""
+
+    def __init__(self, core: client.CoreV1Api, image_filter: images.ImageFilter, *,
+                 skip_namespace: str = ""):
+        # Prewarm's own namespace is never learned, and its prepuller pods are the
+        # largest in the cluster (an init container per image): the API server leaves
+        # them out of the list and the watch rather than this process decoding them.
+        selector = {"field_selector": f"metadata.namespace!={skip_namespace}"} \
+            if skip_namespace else {}
+        super().__init__(core, lambda pod: learnable(pod, image_filter) or None, what="pod",
+                         **selector)
 
     def observations(self, namespaces: set[str], now: float) -> dict[str, Observation]:
         """image -> Observation over the running pods of `namespaces`."""
         observed: dict[str, Observation] = {}
-        with self._lock:
-            entries = list(self._pods.items())
-        for (namespace, _name), found in entries:
+        for (namespace, _name), found in self.items():
             if namespace in namespaces:
                 for image in found:
                     observed.setdefault(image, Observation()).add(namespace, now)

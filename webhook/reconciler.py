@@ -34,7 +34,7 @@ from kubernetes.client.exceptions import ApiException
 
 from webhook import daemonset, images, metrics
 from webhook.kube import api_client, describe_error, list_items, list_pages
-from webhook.podcache import PodImages, learnable
+from webhook.podcache import PodImages, PodWatch, learnable
 from webhook.settings import Settings
 from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
                            expire, merge, rfc3339, stamp_last_seen)
@@ -124,8 +124,10 @@ class Reconciler:
         self.filter = images.ImageFilter(allow=settings.allow, deny=settings.deny)
         # run() points this at the elector: a pass that outlives our lease stops writing
         self.may_write: Callable[[], bool] = lambda: True
-        # run() sets a watched pod cache for backfill; --once lists the pods instead
+        # run() sets watched pod caches for backfill and for the prepuller pods (every
+        # status interval); --once lists the pods instead
         self.pod_images: PodImages | None = None
+        self.prepuller_cache: PodWatch[PrepullerPod] | None = None
 
     # -- reading the cluster -------------------------------------------------------
     def opted_in_namespaces(self) -> list[str]:
@@ -148,17 +150,34 @@ class Reconciler:
                     observed.setdefault(image, Observation()).add(namespace, now)
         return observed
 
+    PREPULLER_SELECTOR = (f"app.kubernetes.io/name=prewarm,"
+                          f"app.kubernetes.io/component={daemonset.COMPONENT}")
+
+    def prepuller_summary(self, pod: dict[str, Any]) -> PrepullerPod | None:
+        """A pod of this release's shards (daemonset.is_own_shard), summarized."""
+        shard = ((pod.get("metadata") or {}).get("labels") or {}).get(
+            daemonset.DAEMONSET_LABEL, "")
+        return PrepullerPod.of(pod) if daemonset.is_own_shard(shard, self.settings) else None
+
+    def watch_prepuller_pods(self) -> PodWatch[PrepullerPod]:
+        """A watched cache of the prepuller pods, for prepuller_pods (run it in a
+        thread): a pass every status interval then costs the API server nothing."""
+        self.prepuller_cache = PodWatch(
+            self.core, self.prepuller_summary, what="prepuller pod",
+            namespace=self.settings.namespace, page_size=PREPULLER_PAGE,
+            label_selector=self.PREPULLER_SELECTOR)
+        return self.prepuller_cache
+
     def prepuller_pods(self) -> list[PrepullerPod]:
+        if self.prepuller_cache is not None and self.prepuller_cache.synced.is_set():
+            return [pod for _key, pod in self.prepuller_cache.items()]
         pods = []
-        for page in list_pages(
-                self.core.list_namespaced_pod, self.settings.namespace,
-                page_size=PREPULLER_PAGE,
-                label_selector=f"app.kubernetes.io/name=prewarm,"
-                               f"app.kubernetes.io/component={daemonset.COMPONENT}"):
-            pods.extend(PrepullerPod.of(pod) for pod in page.get("items") or []
-                        if daemonset.is_own_shard(((pod.get("metadata") or {}).get("labels")
-                                                   or {}).get(daemonset.DAEMONSET_LABEL, ""),
-                                                  self.settings))
+        for page in list_pages(self.core.list_namespaced_pod, self.settings.namespace,
+                               page_size=PREPULLER_PAGE,
+                               label_selector=self.PREPULLER_SELECTOR):
+            pods.extend(summary for summary in map(self.prepuller_summary,
+                                                   page.get("items") or [])
+                        if summary is not None)
         return pods
 
     def live_daemonsets(self) -> dict[str, dict[str, Any]]:
@@ -675,6 +694,8 @@ def run(settings: Settings, *, once: bool = False) -> int:
                      name="leader-election").start()
     threading.Thread(target=_watch_learned, args=(reconciler, trigger, stop), daemon=True,
                      name="watch-learned-images").start()
+    threading.Thread(target=reconciler.watch_prepuller_pods().run, args=(stop,),
+                     daemon=True, name="watch-prepuller-pods").start()
     if settings.backfill:
         reconciler.pod_images = PodImages(reconciler.core, reconciler.filter,
                                           skip_namespace=settings.namespace)

@@ -460,12 +460,32 @@ def test_backfill_from_the_watched_pod_cache_follows_pods_without_relisting(
                 counts.append(pod_lists(cluster) - before)
             return min(counts)
 
-        # a pass from the cache lists no more pods than one without backfill (its own
-        # prepuller pods); backfill by listing lists every opted-in namespace's too
+        # the prepuller pods, watched as run() does: what a pass reads from the cache is
+        # what a list gives
+        prepuller = reconciler.watch_prepuller_pods()
+        threading.Thread(target=prepuller.run, args=(stop,), daemon=True).start()
+        eventually("prepuller pod cache synced", prepuller.synced.is_set, timeout=30)
+
+        def cached_and_listed() -> tuple[set, set]:
+            reconciler.prepuller_cache = None
+            listed = set(reconciler.prepuller_pods())
+            reconciler.prepuller_cache = prepuller
+            return set(reconciler.prepuller_pods()), listed
+
+        cached, listed = eventually("the cache to match a list and hold every node's pod",
+                                    lambda: (lambda c, lst: (c, lst) if c == lst and len(c) >=
+                                             NODES else None)(*cached_and_listed()), timeout=60)
+        assert {pod.node for pod in cached} >= set(cluster.node_names)
+
+        # a pass from both caches lists no pods at all; without the prepuller cache it
+        # lists its prepuller pods; backfill by listing lists every opted-in namespace's too
+        from_caches = lists_in()
+        reconciler.prepuller_cache = None
         with_cache, without = lists_in(), lists_in(backfill=False)
         reconciler.pod_images = None
         by_listing = lists_in()
-        assert with_cache == without < by_listing, (with_cache, without, by_listing)
+        assert from_caches == 0 < with_cache == without < by_listing, (
+            from_caches, with_cache, without, by_listing)
 
         core.delete_namespaced_pod("late", team, grace_period_seconds=0)
         eventually("the deleted pod gone from the cache", lambda: "cache.example.com/late:1"
