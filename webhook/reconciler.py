@@ -528,20 +528,28 @@ class LeaseElector:
 # -- the loop ---------------------------------------------------------------------------
 
 MAX_RETRY_DELAY = 60.0
+# A change of learned-images is applied once it has been quiet SETTLE seconds, or
+# MAX_SETTLE after the first change: while a team's new workloads are admitted the
+# observers write an image a second, and applying each would roll the last shard's pods
+# on every node again and again (a rollout restarted kills the pods still pulling).
+SETTLE = 2.0
+MAX_SETTLE = 10.0
 
 
 class Schedule:
-    """When the leader's next pass is due (monotonic seconds): on a trigger (a change of
-    learned-images, a new leadership), every status interval, and a full pass (with
-    backfill) every resync period. After a failed pass the next waits 2 s, doubling up
-    to MAX_RETRY_DELAY, whatever triggers it: a lasting failure (403, an invalid
-    learned-images) must not repeat its LISTs and its warning every few seconds."""
+    """When the leader's next pass is due (monotonic seconds): after a change of
+    learned-images (settled, see SETTLE), on a new leadership, every status interval,
+    and a full pass (with backfill) every resync period. After a failed pass the next
+    waits 2 s, doubling up to MAX_RETRY_DELAY, whatever triggers it: a lasting failure
+    (403, an invalid learned-images) must not repeat its LISTs and its warning every few
+    seconds."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.last_full = self.last_status = -math.inf  # the first pass is a full one
         self.failures = 0
         self.retry_at = -math.inf
+        self.first_change = self.last_change = math.nan  # nan: no change waiting
 
     def restart(self) -> None:
         """A new leadership starts afresh: a full pass, now."""
@@ -551,10 +559,20 @@ class Schedule:
         return now < self.retry_at
 
     def due(self, now: float, triggered: bool) -> bool:
+        """Whether a pass is due now; `triggered`: learned-images changed since the last
+        call (recorded even while backing off, for when the wait is over)."""
+        if triggered:
+            if math.isnan(self.first_change):
+                self.first_change = now
+            self.last_change = now
         if self.backing_off(now):
             return False
-        return (triggered or self.full(now)
+        return (self.settled(now) or self.full(now)
                 or now - self.last_status >= self.settings.status_interval)
+
+    def settled(self, now: float) -> bool:
+        """A change is waiting and learned-images has been quiet long enough."""
+        return now - self.last_change >= SETTLE or now - self.first_change >= MAX_SETTLE
 
     def full(self, now: float) -> bool:
         return now - self.last_full >= self.settings.resync_period
@@ -562,6 +580,7 @@ class Schedule:
     def succeeded(self, now: float, *, full: bool) -> None:
         self.failures, self.retry_at = 0, -math.inf
         self.last_status = now
+        self.first_change = self.last_change = math.nan  # this pass read them
         if full:
             self.last_full = now
 
@@ -730,10 +749,10 @@ def run(settings: Settings, *, once: bool = False) -> int:
                 schedule.restart()
             # prepuller pods change state without learned-images changing: a pass is
             # due every status interval even when nothing else happens
-            if not schedule.due(now, trigger.is_set()):
-                continue
+            triggered = trigger.is_set()
             trigger.clear()
-            attempt(reconciler, schedule, now=now)
+            if schedule.due(now, triggered):
+                attempt(reconciler, schedule, now=now)
     except KeyboardInterrupt:
         stop.set()
         elector.stop()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from webhook.reconciler import MAX_RETRY_DELAY, Schedule
+from webhook.reconciler import MAX_RETRY_DELAY, MAX_SETTLE, SETTLE, Schedule
 from webhook.settings import Settings
 
 SETTINGS = Settings(status_interval=10.0, resync_period=300.0)
@@ -28,16 +28,43 @@ def test_a_lasting_failure_is_retried_ever_less_often_up_to_a_minute():
     assert MAX_RETRY_DELAY == 60
 
 
-def test_a_success_ends_the_backoff_and_triggers_run_at_once_again():
+def test_a_success_ends_the_backoff_and_a_change_runs_once_settled():
     schedule = Schedule(SETTINGS)
     attempts(schedule, seconds=10, fail=True)  # 0, 2, 6: backing off until 14
     assert not schedule.due(13.0, triggered=True)
     schedule.succeeded(14.0, full=True)
     assert schedule.failures == 0
-    assert schedule.due(15.0, triggered=True)
-    assert not schedule.due(15.0, triggered=False)  # nothing new, not yet a status look
-    assert schedule.due(24.0, triggered=False)  # the status interval
+    assert not schedule.due(15.0, triggered=True)  # a change: quiet for SETTLE first
+    assert not schedule.due(16.5, triggered=False)
+    assert schedule.due(17.0, triggered=False)
+    schedule.succeeded(17.0, full=False)
+    assert not schedule.due(18.0, triggered=False)  # nothing new, not yet a status look
+    assert schedule.due(27.0, triggered=False)  # the status interval
     assert schedule.full(314.0) and not schedule.full(313.0)
+
+
+def test_a_burst_of_changes_is_applied_a_few_times_not_at_each():
+    # the observers write a new image every second for 30 s: the shard is rolled every
+    # MAX_SETTLE seconds meanwhile, and once more SETTLE after the last (status looks
+    # every minute here, so they do not blur the count)
+    schedule = Schedule(Settings(status_interval=60.0, resync_period=300.0))
+    schedule.succeeded(0.0, full=True)
+    passes = []
+    for now in range(1, 40):
+        if schedule.due(float(now), triggered=now <= 30):
+            passes.append(now)
+            schedule.succeeded(float(now), full=False)
+    assert passes == [11, 22, 32]
+    assert SETTLE == 2.0 and MAX_SETTLE == 10.0
+
+
+def test_a_change_while_backing_off_is_applied_when_the_wait_is_over():
+    schedule = Schedule(SETTINGS)
+    schedule.succeeded(0.0, full=True)
+    schedule.failed(5.0)  # next attempt at 7
+    assert not schedule.due(5.5, triggered=True)
+    assert not schedule.due(6.5, triggered=False)
+    assert schedule.due(7.5, triggered=False)
 
 
 def test_a_new_leadership_starts_with_a_full_pass_now():
