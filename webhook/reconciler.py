@@ -98,6 +98,8 @@ class PassResult:
     backfilled: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     failing: list[str] = field(default_factory=list)
+    left_out: dict[str, float] = field(default_factory=dict)  # failing image -> seconds
+    failures: dict[str, int] = field(default_factory=dict)  # image -> failures in a row
     refused: list[tuple[str, str]] = field(default_factory=list)  # backfill over a cap
     helper_failing: dict[str, tuple[str, str]] = field(default_factory=dict)  # pod -> (node, reason)
     unlisted: list[str] = field(default_factory=list)  # new namespaces not listed (bytes)
@@ -128,6 +130,8 @@ class Reconciler:
         # status interval); --once lists the pods instead
         self.pod_images: PodImages | None = None
         self.prepuller_cache: PodWatch[PrepullerPod] | None = None
+        # image -> pull failures in a row (see failure_delay), as of the last write
+        self.failures: dict[str, int] = {}
 
     # -- reading the cluster -------------------------------------------------------
     def opted_in_namespaces(self) -> list[str]:
@@ -222,16 +226,21 @@ class Reconciler:
             result.expired = expire(learned, now=now, ttl=self.settings.image_ttl)
             changed |= bool(result.expired)
             by_image = learned.by_image()
-            result.failing = []
+            result.failing, result.left_out = [], {}
+            # this pass's counts (a retry after a conflict starts again from ours)
+            failures = result.failures = dict(self.failures)
             for image, reason in pull_failures.items():
                 record = by_image.get(image)
                 if record is None or (record.state.startswith("failing")
                                       and not daemonset.eligible(record, now)):
                     continue  # unknown, or already left out and backing off
+                failures[image] = min(failures.get(image, 0) + 1, MAX_FAILURES)
+                delay = failure_delay(self.settings.failure_backoff, failures[image])
                 record.state = f"failing: {reason}"
-                record.extra["retryAt"] = rfc3339(now + self.settings.failure_backoff)
+                record.extra["retryAt"] = rfc3339(now + delay)
                 record.extra.pop("warmNodes", None)
                 result.failing.append(image)
+                result.left_out[image] = delay
                 changed = True
             for image, shard in daemonset.assign_shards(learned, self.settings).items():
                 by_image[image].extra["shard"] = shard
@@ -244,10 +253,15 @@ class Reconciler:
                     changed = True
             changed |= apply_warm_states(learned, self.settings, live, prepuller_pods,
                                          containers)
+            for image in list(failures):  # warm (pulled everywhere) or gone: start afresh
+                record = by_image.get(image)
+                if record is None or record.state == "warm":
+                    del failures[image]
             return changed
 
         self._check_leader()
         snapshot = self.store.update(prepare)
+        self.failures = result.failures
         if result.backfilled:
             metrics.IMAGES_LEARNED.labels("backfill").inc(len(result.backfilled))
             logger.info("backfill learned %d images", len(result.backfilled))
@@ -263,8 +277,9 @@ class Reconciler:
             logger.info("expired %d images not seen for %.0fs", len(result.expired),
                         self.settings.image_ttl)
         if result.failing:
-            logger.warning("images failing to pull, left out for %.0fs: %s",
-                           self.settings.failure_backoff, ", ".join(result.failing))
+            logger.warning("images failing to pull, left out of the DaemonSet until a retry: "
+                           "%s", ", ".join(f"{image} ({result.left_out[image]:.0f}s)"
+                                           for image in result.failing))
 
         desired = daemonset.desired_daemonsets(snapshot.learned, self.settings, now=now)
         self._check_leader()
@@ -528,6 +543,22 @@ class LeaseElector:
 # -- the loop ---------------------------------------------------------------------------
 
 MAX_RETRY_DELAY = 60.0
+# A failing image is left out for PREWARM_FAILURE_BACKOFF after its first failure, twice
+# that after a retry that failed again, and so on up to a day (or the setting, if
+# longer): a registry blip costs one backoff, an image that can never be pulled does
+# not roll its shard on every node twice each backoff for ever. The leader counts the
+# failures in memory (Reconciler.failures), and forgets an image's once it is warm: a
+# new leader starts from the first backoff again, and the records keep every byte of
+# their room (store.RECONCILER_RESERVE).
+MAX_FAILURE_BACKOFF = 86400.0
+MAX_FAILURES = 32
+
+
+def failure_delay(base: float, failures: int) -> float:
+    """Seconds a failing image is left out after its `failures`-th failure in a row."""
+    return min(max(base, MAX_FAILURE_BACKOFF), base * 2.0 ** (max(failures, 1) - 1))
+
+
 # A change of learned-images is applied once it has been quiet SETTLE seconds, or
 # MAX_SETTLE after the first change: while a team's new workloads are admitted the
 # observers write an image a second, and applying each would roll the last shard's pods
@@ -704,6 +735,7 @@ def run(settings: Settings, *, once: bool = False) -> int:
     def on_change(leading: bool) -> None:
         logger.info("%s leadership (%s)", "acquired" if leading else "lost", identity)
         if leading:
+            reconciler.failures = {}  # counted afresh: the last leader's are not ours
             became_leader.set()
             trigger.set()
         else:  # the new leader's passes tell; a standby's last figure would go stale

@@ -15,6 +15,7 @@ from tests.support import (NODES, Process, apiserver_metric, eventually, learned
 from webhook import daemonset
 from webhook.reconciler import LeaseElector, NotLeader, Reconciler
 from webhook.settings import Settings
+from webhook.store import parse_time
 from webhook.store import LearnedImagesStore, Observation, key_for, merge
 
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
@@ -258,19 +259,23 @@ def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_bac
     name = daemonset.container_name(broken)
     # play the kubelet: the pull of `broken` fails on this node, the others finished
     victim = running_prepuller_pod(core, prewarm_ns)
-    statuses = [{"name": c.name, "image": c.image, "ready": False, "restartCount": 0,
-                 "state": {"waiting": {"reason": "ErrImagePull",
-                                       "message": "pull access denied"}}}
+
+    def failing_at(pod, reason: str) -> list[dict]:
+        return [{"name": c.name, "image": c.image, "ready": False, "restartCount": 0,
+                 "state": {"waiting": {"reason": reason, "message": "pull access denied"}}}
                 if c.name == name else
                 {"name": c.name, "image": c.image, "ready": True, "restartCount": 0,
                  "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}
-                for c in victim.spec.init_containers]
-    set_init_statuses(core, prewarm_ns, victim, statuses, name, "ErrImagePull")
+                for c in pod.spec.init_containers]
+
+    set_init_statuses(core, prewarm_ns, victim, failing_at(victim, "ErrImagePull"), name,
+                      "ErrImagePull")
 
     result = reconciler.reconcile_once()
     assert result.failing == [broken]
     record = learned_images(core, prewarm_ns)[broken]
     assert record["state"] == "failing: ErrImagePull" and record["retryAt"]
+    assert reconciler.failures == {broken: 1}
 
     def images_in_daemonset() -> list[str]:
         ds = apps.read_namespaced_daemon_set("prewarm-images", prewarm_ns)
@@ -285,6 +290,27 @@ def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_bac
     eventually("the failing image back in the DaemonSet after the backoff", retried,
                timeout=60, interval=0.5)
     assert not learned_images(core, prewarm_ns)[broken]["state"].startswith("failing")
+
+    # it fails again after the retry: left out twice as long (8 s)
+    again = eventually("a Running prepuller pod with the retried pull", lambda: next(
+        (p for p in pods_of(core, prewarm_ns, "prewarm-images")
+         if p.status.phase == "Running" and p.metadata.deletion_timestamp is None
+         and any(c.name == name for c in p.spec.init_containers)), None), timeout=60)
+    set_init_statuses(core, prewarm_ns, again, failing_at(again, "ImagePullBackOff"), name,
+                      "ImagePullBackOff")
+    before = time.time()
+    assert reconciler.reconcile_once().failing == [broken]
+    record = learned_images(core, prewarm_ns)[broken]
+    assert record["state"] == "failing: ImagePullBackOff" and reconciler.failures == {broken: 2}
+    assert 6 <= parse_time(record["retryAt"]) - before <= 10, record["retryAt"]
+
+    # the registry heals: pulled on every node after the next retry, the count is gone
+    def warm() -> bool:
+        reconciler.reconcile_once()
+        return learned_images(core, prewarm_ns)[broken]["state"] == "warm"
+
+    eventually("the image warm after its second retry", warm, timeout=90, interval=0.5)
+    assert reconciler.failures == {}
 
 
 def test_a_helper_that_cannot_start_is_reported_with_its_node(cluster, core, prewarm_ns,

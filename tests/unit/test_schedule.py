@@ -116,3 +116,12 @@ def test_losing_leadership_mid_pass_is_no_failure():
     schedule.failed(5.0)
     schedule.restart()  # leadership back: a failure after it waits 2 s again
     assert schedule.failed(10.0) == 2.0
+
+
+def test_a_failing_image_is_left_out_ever_longer_up_to_a_day():
+    from webhook.reconciler import MAX_FAILURES, failure_delay
+
+    assert [failure_delay(1800.0, n) for n in range(1, 10)] == [
+        1800, 3600, 7200, 14400, 28800, 57600, 86400, 86400, 86400]
+    assert failure_delay(1800.0, MAX_FAILURES) == 86400
+    assert failure_delay(2 * 86400.0, 5) == 2 * 86400  # a longer setting is kept, not grown
