@@ -782,7 +782,8 @@ def run(settings: Settings, *, once: bool = False) -> int:
             # prepuller pods change state without learned-images changing: a pass is
             # due every status interval even when nothing else happens
             triggered = trigger.is_set()
-            trigger.clear()
+            if triggered:  # (a set() between is_set() and an unconditional clear() is lost)
+                trigger.clear()
             if schedule.due(now, triggered):
                 attempt(reconciler, schedule, now=now)
     except KeyboardInterrupt:

@@ -131,7 +131,8 @@ FIELDS: tuple[Field, ...] = (
     Field("backfill", "true", parse_bool, "learn images of running Pods in opted-in "
           "namespaces on start and every resync", RECONCILER),
     Field("failure_backoff", "30m", parse_duration, "a failing image is first retried after "
-          "this, then twice as long after each failed retry, up to a day", RECONCILER),
+          "this, then twice as long after each failed retry, up to a day (counted by the "
+          "running leader: --once and a new leader start again from this)", RECONCILER),
     Field("lease_name", "prewarm-reconciler", str, "Lease used for leader election",
           RECONCILER),
     Field("lease_duration", "15s", parse_duration, "leader lease duration", RECONCILER),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import re
 import subprocess
 import tempfile
@@ -168,7 +169,7 @@ IMAGE_PATTERNS = [
     # refused at start by the observer and the reconciler
     "ghcr.io/acme/", "/ghcr.io", "ghcr.io//x", "ghcr.io/ACME", "ghcr.io/a#b", "foo_bar.com",
     "A_b/x", "foo-/x", "ghcr.io/acme:1.0", "ghcr.io/acme@sha256:" + "a" * 64, "reg.io:x/a",
-    "ghcr.io/**", "ghcr.io/a*", "-x", "x.", "[::1/x", "ghcr.io/a b",
+    "ghcr.io/**", "ghcr.io/a*", "-x", "x.", "[::1/x", "ghcr.io/a b", "[ab]", "[0]/x",
 ]
 
 
@@ -184,6 +185,12 @@ def test_schema_takes_exactly_the_image_patterns_the_settings_take(key: str) -> 
         except ValueError:
             valid = False
         assert (re.fullmatch(pattern, text) is not None) == valid, text
+    # and whatever else: a pattern the schema takes is one the settings take
+    rng = random.Random(7)
+    for _ in range(5000):
+        text = "".join(rng.choices("ab0:./-_*[]A", k=rng.randint(1, 12)))
+        if re.fullmatch(pattern, text):
+            images.ImageFilter(**{key: [text]})  # raises ValueError naming it if not
 
 
 @pytest.mark.parametrize("setting,named", [
