@@ -374,6 +374,27 @@ def test_every_object_carries_the_recommended_labels(extra: tuple[str, ...]) -> 
 
 
 @MODES
+def test_every_pod_of_the_chart_runs_on_linux_nodes(extra: tuple[str, ...]) -> None:
+    # Prewarm's image is Linux-only: no pod of the chart (hooks and test included) may
+    # land on a Windows node of a mixed cluster
+    workloads = [o for o in render(*extra) if o["kind"] in POD_KINDS]
+    kinds = {o["kind"] for o in workloads}
+    assert kinds >= {"Deployment", "DaemonSet", "Pod"} and ("Job" in kinds) == bool(extra)
+    for obj in workloads:
+        selector = pod_spec(obj).get("nodeSelector") or {}
+        assert selector.get("kubernetes.io/os") == "linux", f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def test_the_certs_jobs_take_their_own_tolerations() -> None:
+    objects = render(*JOB_MODE, "--set", "certs.job.tolerations[0].operator=Exists",
+                     "--set", "certs.job.nodeSelector.pool=system")
+    for job in find(objects, "Job"):
+        spec = pod_spec(job)
+        assert spec["tolerations"] == [{"operator": "Exists"}]
+        assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", "pool": "system"}
+
+
+@MODES
 def test_every_container_runs_restricted(extra: tuple[str, ...]) -> None:
     workloads = [o for o in render(*extra) if o["kind"] in POD_KINDS]
     assert {o["kind"] for o in workloads} >= {"Deployment", "DaemonSet", "Pod"}
