@@ -10,8 +10,12 @@ observer    /observe vs a bare allow-all WSGI handler served by the same gunicor
             images.
 reconciler  one pass over 5,000 learned images and 20,000 pods: time and peak memory,
             against listing the same pods through the client's model objects.
+prepuller   50 fake nodes running 5 shards of 500 images (250 prepuller pods, each with
+            an init container per image): peak memory and time of reading them as a
+            pass does (summaries, and from the watched cache) against keeping them whole.
 
-    python -m bench [observer|reconciler ...] [--seconds N] [--rounds N] [--pods N] [--images N]
+    python -m bench [observer|reconciler|prepuller ...] [--seconds N] [--rounds N]
+                    [--pods N] [--images N] [--nodes N] [--prepuller-images N]
 """
 
 from __future__ import annotations
@@ -373,7 +377,7 @@ def bench_observer(args) -> None:
 # -- reconciler ----------------------------------------------------------------------
 
 PASS_SCRIPT = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from kubernetes import client
 from webhook.reconciler import Reconciler
@@ -431,7 +435,10 @@ else:
     reconciler.pod_images.synced.wait(120)  # the continuous reconciler lists once at start
     timed("resync pass, backfill from pod watch", one(True))
     stop.set()
-figures["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak; ru_maxrss would start from the bench's size at the
+# fork, as Linux keeps it across execve
+figures["peak_mib"] = int(next(line.split()[1] for line in open("/proc/self/status")
+                               if line.startswith("VmHWM:"))) / 1024
 print(json.dumps(figures))
 """
 
@@ -497,7 +504,103 @@ def bench_reconciler(args) -> None:
         plane.stop()
 
 
-BENCHES = ("observer", "reconciler")
+PREPULLER_SCRIPT = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from kubernetes import client
+from webhook import kube
+from webhook.reconciler import Reconciler
+from webhook.settings import Settings
+mode = sys.argv[2]
+settings = Settings(namespace="prewarm", helper_image="ghcr.io/prewarm/prewarm:bench",
+                    backfill=False)
+api = kube.api_client()
+reconciler = Reconciler(settings, api)
+core = client.CoreV1Api(api)
+figures = {}
+def timed(name, fn):
+    start = time.perf_counter()
+    detail = fn()
+    figures[name] = {"seconds": time.perf_counter() - start, "detail": detail}
+if mode == "create":
+    timed("first pass", lambda: reconciler.reconcile_once().outcome)
+elif mode == "whole":
+    def whole():  # what a pass read before: every prepuller pod, kept whole
+        pods = list(kube.list_items(core.list_namespaced_pod, "prewarm",
+                                    label_selector=Reconciler.PREPULLER_SELECTOR))
+        return f"{len(pods)} pods kept whole (pages of 500)"
+    timed("prepuller pods, kept whole (baseline)", whole)
+else:
+    timed("prepuller pods, as summaries", lambda: f"{len(reconciler.prepuller_pods())} "
+          "summaries (pages of 20)")
+    timed("pass, listing the prepuller pods", lambda: reconciler.reconcile_once().outcome)
+    import threading
+    stop = threading.Event()
+    cache = reconciler.watch_prepuller_pods()
+    threading.Thread(target=cache.run, args=(stop,), daemon=True).start()
+    cache.synced.wait(120)
+    timed("pass, from the watched prepuller pods", lambda: reconciler.reconcile_once().outcome)
+    stop.set()
+# VmHWM: this process's own peak; ru_maxrss would start from the bench's size at the
+# fork, as Linux keeps it across execve
+figures["peak_mib"] = int(next(line.split()[1] for line in open("/proc/self/status")
+                               if line.startswith("VmHWM:"))) / 1024
+print(json.dumps(figures))
+"""
+
+
+def bench_prepuller(args) -> None:
+    shards = -(-args.prepuller_images // 100)
+    print(f"== prepuller pods: {args.nodes} nodes x {shards} shards of {args.prepuller_images} "
+          "images, what a pass reads of them ==")
+    from kubernetes import client
+
+    from webhook.store import Record, key_for, rfc3339
+
+    plane = controlplane.start(nodes=args.nodes, timeout=240)
+    try:
+        core = client.CoreV1Api(plane.api_client())
+        core.create_namespace({"metadata": {"name": "prewarm"}})
+        now = time.time()
+        records = [Record(image=f"registry.example.com/team/img-{i:04d}:1.0", namespaces=["team-a"],
+                          first_seen=rfc3339(now - 1000 + i), last_seen=rfc3339(now),
+                          source="admission") for i in range(args.prepuller_images)]
+        core.create_namespaced_config_map("prewarm", {
+            "metadata": {"name": "learned-images"},
+            "data": {key_for(r.image): r.to_json() for r in records}})
+        env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "PYTHONPATH": str(REPO)}
+
+        def run(mode: str) -> dict:  # separate processes: separate peak memory
+            out = subprocess.run([sys.executable, "-c", PREPULLER_SCRIPT, str(REPO), mode],
+                                 env=env, capture_output=True, text=True, timeout=900)
+            if out.returncode != 0:
+                raise SystemExit(f"prepuller {mode} failed:\n{out.stderr[-3000:]}")
+            return json.loads(out.stdout.strip().splitlines()[-1])
+
+        run("create")
+        wanted = args.nodes * shards
+        started = time.monotonic()
+        apps = client.AppsV1Api(plane.api_client())
+        # counted from the DaemonSets' status: listing the pods themselves here would cost
+        # this process the memory the figures below are about
+        wait_for(f"{wanted} prepuller pods ready", lambda: sum(
+            ds.status.number_ready or 0 for ds in apps.list_namespaced_daemon_set("prewarm").items)
+            >= wanted, timeout=600)
+        print(f"(setup: {wanted} prepuller pods ready in {time.monotonic() - started:.0f}s)")
+        whole, ours = run("whole"), run("summaries")
+        print(f"{'':40}{'seconds':>9}  detail")
+        for figures in (whole, ours):
+            for name, figure in figures.items():
+                if name != "peak_mib":
+                    print(f"{name:40}{figure['seconds']:>9.2f}  {figure['detail']}")
+        print(f"peak memory: summaries {ours['peak_mib']:.0f} MiB (their passes included), "
+              f"kept whole {whole['peak_mib']:.0f} MiB: ratio "
+              f"{ours['peak_mib'] / whole['peak_mib']:.2f}")
+    finally:
+        plane.stop()
+
+
+BENCHES = ("observer", "reconciler", "prepuller")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -505,7 +608,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # no `choices=`: on Python 3.11 argparse checks a nargs="*" default against them as
     # one value, so a plain `python -m bench` (make bench) was refused
-    parser.add_argument("which", nargs="*", metavar="{observer,reconciler}",
+    parser.add_argument("which", nargs="*", metavar="{observer,reconciler,prepuller}",
                         help="which benchmarks (default: all)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=6,
@@ -514,6 +617,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="reconciler bench: pods created in opted-in namespaces")
     parser.add_argument("--images", type=int, default=5000,
                         help="reconciler bench: images in learned-images")
+    parser.add_argument("--nodes", type=int, default=50,
+                        help="prepuller bench: fake (kwok) nodes")
+    parser.add_argument("--prepuller-images", type=int, default=500,
+                        help="prepuller bench: images in learned-images (100 per shard)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.which if name not in BENCHES]
     if unknown:
@@ -525,7 +632,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     for which in args.which:
-        {"observer": bench_observer, "reconciler": bench_reconciler}[which](args)
+        {"observer": bench_observer, "reconciler": bench_reconciler,
+         "prepuller": bench_prepuller}[which](args)
         print()
 
 

@@ -8,7 +8,7 @@ from bench.__main__ import parse_args
 
 
 def test_no_arguments_means_every_benchmark():
-    assert parse_args([]).which == ["observer", "reconciler"]
+    assert parse_args([]).which == ["observer", "reconciler", "prepuller"]
 
 
 def test_one_benchmark_by_name():
@@ -20,4 +20,5 @@ def test_an_unknown_benchmark_is_refused_by_name(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(["observer", "observr"])
     assert exit_.value.code == 2
-    assert "no benchmark named observr (choose from observer, reconciler)" in capsys.readouterr().err
+    assert "no benchmark named observr (choose from observer, reconciler, prepuller)" in \
+        capsys.readouterr().err
