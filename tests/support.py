@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,20 @@ def python_env(**extra: str) -> dict[str, str]:
 
 def python_module(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
+
+
+def unreachable_kubeconfig(folder: Path) -> Path:
+    """A kubeconfig in `folder` whose API server is a loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    kubeconfig = folder / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:{port}'}}}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n")
+    return kubeconfig
 
 
 # -- the chart ---------------------------------------------------------------------------

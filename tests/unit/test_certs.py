@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certs import tls
+from tests.support import unreachable_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE, NAMESPACE = "prewarm", "prewarm"
@@ -376,16 +377,7 @@ def test_cli_check_of_a_missing_file_is_one_line(tmp_path):
 
 
 def test_cli_secret_with_an_unreachable_api_server_is_one_line(tmp_path):
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind((IP, 0))
-        port = s.getsockname()[1]
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
-        f"clusters: [{{name: c, cluster: {{server: 'https://{IP}:{port}'}}}}]\n"
-        "users: [{name: u, user: {token: t}}]\n"
-        "contexts: [{name: c, context: {cluster: c, user: u}}]\n")
-    result = run_cli(*SECRET, "--kubeconfig", str(kubeconfig))
+    result = run_cli(*SECRET, "--kubeconfig", str(unreachable_kubeconfig(tmp_path)))
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot reach the API server")
     assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
