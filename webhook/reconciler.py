@@ -33,7 +33,7 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from webhook import daemonset, images, metrics
-from webhook.kube import api_client, describe_error, list_items, list_pages
+from webhook.kube import api_client, describe_error, list_items
 from webhook.podcache import PodImages, PodWatch, learnable
 from webhook.settings import Settings
 from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
@@ -163,26 +163,23 @@ class Reconciler:
             daemonset.DAEMONSET_LABEL, "")
         return PrepullerPod.of(pod) if daemonset.is_own_shard(shard, self.settings) else None
 
+    def _prepuller_watch(self) -> PodWatch[PrepullerPod]:
+        return PodWatch(self.core, self.prepuller_summary, what="prepuller pod",
+                        namespace=self.settings.namespace, page_size=PREPULLER_PAGE,
+                        label_selector=self.PREPULLER_SELECTOR)
+
     def watch_prepuller_pods(self) -> PodWatch[PrepullerPod]:
         """A watched cache of the prepuller pods, for prepuller_pods (run it in a
         thread): a pass every status interval then costs the API server nothing."""
-        self.prepuller_cache = PodWatch(
-            self.core, self.prepuller_summary, what="prepuller pod",
-            namespace=self.settings.namespace, page_size=PREPULLER_PAGE,
-            label_selector=self.PREPULLER_SELECTOR)
+        self.prepuller_cache = self._prepuller_watch()
         return self.prepuller_cache
 
     def prepuller_pods(self) -> list[PrepullerPod]:
-        if self.prepuller_cache is not None and self.prepuller_cache.synced.is_set():
-            return [pod for _key, pod in self.prepuller_cache.items()]
-        pods = []
-        for page in list_pages(self.core.list_namespaced_pod, self.settings.namespace,
-                               page_size=PREPULLER_PAGE,
-                               label_selector=self.PREPULLER_SELECTOR):
-            pods.extend(summary for summary in map(self.prepuller_summary,
-                                                   page.get("items") or [])
-                        if summary is not None)
-        return pods
+        watched = self.prepuller_cache
+        if watched is None or not watched.synced.is_set():
+            watched = self._prepuller_watch()  # --once, or the cache not listed yet
+            watched.relist()
+        return [pod for _key, pod in watched.items()]
 
     def live_daemonsets(self) -> dict[str, dict[str, Any]]:
         """This release's shards only (see daemonset.is_own_shard)."""
