@@ -376,6 +376,33 @@ def bench_observer(args) -> None:
 
 # -- reconciler ----------------------------------------------------------------------
 
+# The reconciler benches' measurements run in child scripts, a process each, so that each
+# peak memory is its own: CHILD_TIMED records named timings, CHILD_PEAK prints them with
+# the peak as the last line of JSON, which run_child returns.
+CHILD_TIMED = r"""
+figures = {}
+def timed(name, fn):
+    start = time.perf_counter()
+    detail = fn()
+    figures[name] = {"seconds": time.perf_counter() - start, "detail": detail}
+"""
+CHILD_PEAK = r"""
+# VmHWM: this process's own peak; ru_maxrss would start from the bench's size at the
+# fork, as Linux keeps it across execve
+figures["peak_mib"] = int(next(line.split()[1] for line in open("/proc/self/status")
+                               if line.startswith("VmHWM:"))) / 1024
+print(json.dumps(figures))
+"""
+
+
+def run_child(script: str, mode: str, env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", script, str(REPO), mode], env=env,
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 PASS_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -390,11 +417,7 @@ api = kube.api_client()
 reconciler = Reconciler(settings, api)
 core = client.CoreV1Api(api)
 namespaces = [ns.metadata.name for ns in core.list_namespace(label_selector="prewarm.io/learn=enabled").items]
-figures = {}
-def timed(name, fn):
-    start = time.perf_counter()
-    detail = fn()
-    figures[name] = {"seconds": time.perf_counter() - start, "detail": detail}
+""" + CHILD_TIMED + r"""
 if mode == "baselines":
     def raw():  # the floor: the same pods as JSON bytes, not decoded
         size = 0
@@ -435,12 +458,7 @@ else:
     reconciler.pod_images.synced.wait(120)  # the continuous reconciler lists once at start
     timed("resync pass, backfill from pod watch", one(True))
     stop.set()
-# VmHWM: this process's own peak; ru_maxrss would start from the bench's size at the
-# fork, as Linux keeps it across execve
-figures["peak_mib"] = int(next(line.split()[1] for line in open("/proc/self/status")
-                               if line.startswith("VmHWM:"))) / 1024
-print(json.dumps(figures))
-"""
+""" + CHILD_PEAK
 
 
 def bench_reconciler(args) -> None:
@@ -478,13 +496,7 @@ def bench_reconciler(args) -> None:
             list(pool.map(create, range(args.pods)))
         print(f"(setup: {args.pods} pods created in {time.monotonic() - started:.0f}s)")
         env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "PYTHONPATH": str(REPO)}
-        runs = {}
-        for mode in ("baselines", "reconcile"):  # separate processes: separate peak memory
-            out = subprocess.run([sys.executable, "-c", PASS_SCRIPT, str(REPO), mode], env=env,
-                                 capture_output=True, text=True, timeout=900)
-            if out.returncode != 0:
-                raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
-            runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = {mode: run_child(PASS_SCRIPT, mode, env) for mode in ("baselines", "reconcile")}
         print(f"{'':36}{'seconds':>9}  detail")
         for mode in ("baselines", "reconcile"):
             for name, figure in runs[mode].items():
@@ -517,11 +529,7 @@ settings = Settings(namespace="prewarm", helper_image="ghcr.io/prewarm/prewarm:b
 api = kube.api_client()
 reconciler = Reconciler(settings, api)
 core = client.CoreV1Api(api)
-figures = {}
-def timed(name, fn):
-    start = time.perf_counter()
-    detail = fn()
-    figures[name] = {"seconds": time.perf_counter() - start, "detail": detail}
+""" + CHILD_TIMED + r"""
 if mode == "create":
     timed("first pass", lambda: reconciler.reconcile_once().outcome)
 elif mode == "whole":
@@ -541,12 +549,7 @@ else:
     cache.synced.wait(120)
     timed("pass, from the watched prepuller pods", lambda: reconciler.reconcile_once().outcome)
     stop.set()
-# VmHWM: this process's own peak; ru_maxrss would start from the bench's size at the
-# fork, as Linux keeps it across execve
-figures["peak_mib"] = int(next(line.split()[1] for line in open("/proc/self/status")
-                               if line.startswith("VmHWM:"))) / 1024
-print(json.dumps(figures))
-"""
+""" + CHILD_PEAK
 
 
 def bench_prepuller(args) -> None:
@@ -570,12 +573,8 @@ def bench_prepuller(args) -> None:
             "data": {key_for(r.image): r.to_json() for r in records}})
         env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "PYTHONPATH": str(REPO)}
 
-        def run(mode: str) -> dict:  # separate processes: separate peak memory
-            out = subprocess.run([sys.executable, "-c", PREPULLER_SCRIPT, str(REPO), mode],
-                                 env=env, capture_output=True, text=True, timeout=900)
-            if out.returncode != 0:
-                raise SystemExit(f"prepuller {mode} failed:\n{out.stderr[-3000:]}")
-            return json.loads(out.stdout.strip().splitlines()[-1])
+        def run(mode: str) -> dict:
+            return run_child(PREPULLER_SCRIPT, mode, env)
 
         run("create")
         wanted = args.nodes * shards
