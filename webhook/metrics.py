@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Callable, Iterator
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                generate_latest, multiprocess)
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 REVIEWS = Counter("prewarm_reviews_total", "AdmissionReviews answered, by result",
                   ["kind", "result"])
@@ -75,12 +77,46 @@ count = PENDING.add
 publish_pending = PENDING.publish
 
 
+class ServingCertificate:
+    """Collector, read at scrape time from the scraped worker: when the certificate it
+    serves expires. Not a multiprocess Gauge: every worker serves the same files, and a
+    value read at the scrape follows a rotation even in a worker that no new connection
+    has made look at the files since."""
+
+    NAME = "prewarm_serving_certificate_expiration_timestamp_seconds"
+    HELP = ("notAfter (Unix time) of the serving certificate the observer hands to new "
+            "connections; alert well before it comes (certs.mode=job renews only on helm "
+            "upgrade)")
+
+    def __init__(self, expiry: Callable[[], float | None]):
+        self.expiry = expiry
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP)
+
+    def collect(self) -> Iterator[Metric]:
+        value = self.expiry()
+        if value is not None:  # unreadable: no sample rather than a wrong one (logged)
+            yield GaugeMetricFamily(self.NAME, self.HELP, value=value)
+
+
+_AT_SCRAPE: list[ServingCertificate] = []  # collectors computed when this process is scraped
+
+
+def report_certificate_expiry(expiry: Callable[[], float | None]) -> None:
+    """Adds the serving certificate's expiry, `expiry()` at each scrape, to /metrics
+    (in place of an earlier one)."""
+    _AT_SCRAPE[:] = [ServingCertificate(expiry)]
+
+
 def exposition() -> tuple[bytes, str]:
     publish_pending()  # this worker's own counts are current; the others' lag <= 1 interval
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
-
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    else:
+        from prometheus_client import REGISTRY as registry
+    at_scrape = CollectorRegistry()
+    for collector in _AT_SCRAPE:
+        at_scrape.register(collector)
+    return generate_latest(registry) + generate_latest(at_scrape), CONTENT_TYPE_LATEST

@@ -76,6 +76,9 @@ class CertReloader:
         self._context: ssl.SSLContext | None = None
         self._checked = 0.0
         self.reloads = 0
+        # notAfter (Unix seconds) of the certificate new handshakes get; None if the
+        # loaded file's first certificate could not be read (the context still serves)
+        self.not_after: float | None = None
         self.context()  # fail at start-up, with a clear message, if the pair is unusable
 
     @staticmethod
@@ -91,12 +94,22 @@ class CertReloader:
         self._lock = threading.Lock()
         self._checked = 0.0
 
-    def _read_digest(self) -> bytes:
+    def _read(self) -> tuple[bytes, bytes]:
+        """The certificate file's contents, and the digest of both files'."""
         digest = hashlib.sha256()
+        contents = []
         for path in (self.cert_file, self.key_file):
             with open(path, "rb") as handle:
-                digest.update(handle.read())
-        return digest.digest()
+                contents.append(handle.read())
+            digest.update(contents[-1])
+        return contents[0], digest.digest()
+
+    def expiry(self) -> float | None:
+        """notAfter of the certificate served to new connections, after a look at the
+        files (at most once a second, as for a handshake): for the metric a scrape reads,
+        so that it follows a rotation even when no new connection has come in."""
+        self.context()
+        return self.not_after
 
     def context(self) -> ssl.SSLContext:
         now = time.monotonic()
@@ -107,13 +120,14 @@ class CertReloader:
                 return self._context
             self._checked = now
             try:
-                digest = self._read_digest()
+                cert_pem, digest = self._read()
                 if digest != self._digest:
                     context = self._build(self.cert_file, self.key_file)
                     if self._context is not None:
                         self.reloads += 1
                         logger.info("serving certificate reloaded from %s", self.cert_file)
                     self._context, self._digest = context, digest
+                    self.not_after = _not_after(cert_pem, self.cert_file)
             except (OSError, ssl.SSLError, ValueError) as error:
                 if self._context is None:
                     raise CertificateError(
@@ -123,6 +137,18 @@ class CertReloader:
                 # read error: keep serving with the previous pair and look again soon
                 logger.warning("keeping previous certificate: %s", error)
             return self._context
+
+
+def _not_after(cert_pem: bytes, path: str) -> float | None:
+    """notAfter, in Unix seconds, of the first certificate in `cert_pem` (the leaf: a
+    chain follows it); None, logged, if it cannot be read (ssl took the file anyway)."""
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificates(cert_pem)[0].not_valid_after_utc.timestamp()
+    except ValueError as error:
+        logger.warning("cannot read the expiry of %s: %s", path, error)
+        return None
 
 
 def freeze_startup_heap() -> int:
@@ -378,6 +404,11 @@ class ObserverServer(BaseApplication):
             # milliseconds to a review. The observer's work per review is tens of
             # microseconds, so a shorter interval costs little and cuts the tail.
             sys.setswitchinterval(SWITCH_INTERVAL)
+            # imported here, in the worker: in the master, the metrics module's
+            # counters would open multiprocess files for a process that never counts
+            from webhook import metrics
+
+            metrics.report_certificate_expiry(reloader.expiry)
             freeze_startup_heap()
             state = worker.wsgi.extensions.get("prewarm") if hasattr(worker.wsgi, "extensions") else None
             if state is not None:

@@ -28,6 +28,13 @@ def served_serial(observer: Observer) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
+EXPIRY = "prewarm_serving_certificate_expiration_timestamp_seconds"
+
+
+def not_after(pem: bytes) -> float:
+    return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+
+
 def test_rotated_certificate_is_served_without_restart_or_failed_reviews(cluster, core, tmp_path):
     namespace = new_namespace_name("rotation")
     core.create_namespace({"metadata": {"name": namespace}})
@@ -60,6 +67,8 @@ def test_rotated_certificate_is_served_without_restart_or_failed_reviews(cluster
     threads = [threading.Thread(target=client_loop) for _ in range(4)]
     try:
         old_serial = served_serial(observer)
+        old_expiry = not_after((tmp_path / "tls.crt").read_bytes())
+        assert observer.metric(EXPIRY) == old_expiry
         for thread in threads:
             thread.start()
         eventually("load running", lambda: counts["ok"] > 200, timeout=30)
@@ -67,7 +76,7 @@ def test_rotated_certificate_is_served_without_restart_or_failed_reviews(cluster
         # the new pair, same CA (as cert-manager renews); written in place and torn on
         # purpose: for a moment the cert on disk does not match the key on disk
         cert, key = tls.generate_serving(observer.ca, observer.ca_key, dns_names=["localhost"],
-                                         ip_addresses=["127.0.0.1"])
+                                         ip_addresses=["127.0.0.1"], days=200)
         new_serial = x509.load_pem_x509_certificate(cert).serial_number
         (tmp_path / "tls.crt").write_bytes(cert)
         # the torn window lasts until the server has seen it (and kept its old pair)
@@ -81,6 +90,12 @@ def test_rotated_certificate_is_served_without_restart_or_failed_reviews(cluster
         before = counts["ok"]
         eventually("more reviews on the new certificate", lambda: counts["ok"] > before + 200,
                    timeout=30)
+        # the metric an expiry alert reads follows the rotation, in every worker (each
+        # scrape is a new connection, taken by either)
+        new_expiry = not_after(cert)
+        eventually("the new expiry on /metrics", lambda: observer.metric(EXPIRY) == new_expiry,
+                   timeout=15, interval=0.2)
+        scraped = {observer.metric(EXPIRY) for _ in range(10)}
     finally:
         stop.set()
         for thread in threads:
@@ -90,6 +105,7 @@ def test_rotated_certificate_is_served_without_restart_or_failed_reviews(cluster
         core.delete_namespace(namespace)
 
     assert served == new_serial != old_serial
+    assert scraped == {new_expiry} and new_expiry < old_expiry - 100 * 86400
     assert counts["failed"] == 0, failures[:5]
     assert counts["ok"] > 400
     assert "serving certificate reloaded" in observer.process.output()
@@ -114,6 +130,8 @@ def test_a_worker_restarted_while_the_key_is_bad_serves_with_the_last_good_pair(
         assert eventually("a handshake with the new worker", lambda: served_serial(observer),
                           timeout=30) == serial
         assert observer.get("/healthz")[0] == 200
+        # and it reports the expiry of that pair, not none (nor the unreadable files')
+        assert observer.metric(EXPIRY) == not_after((tmp_path / "tls.crt").read_bytes())
     finally:
         observer.stop()
         core.delete_namespace(namespace)

@@ -47,6 +47,28 @@ def test_every_certs_variable_is_in_the_readme_with_its_flag_default_and_command
         assert row.split(" | ")[1:4] == [f"`{flag}`", f"`{default}`", ", ".join(commands)], row
 
 
+def exported_metrics() -> list[str]:
+    """Every metric name Prewarm's /metrics can show, as a scrape shows it."""
+    from prometheus_client import Counter
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from webhook import metrics
+
+    names = [metrics.ServingCertificate.NAME]
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            names.append(value._name + ("_total" if isinstance(value, Counter) else ""))
+    return names
+
+
+def test_every_metric_is_in_the_readme():
+    section = README[README.index("Metrics (`/metrics`"):]
+    names = exported_metrics()
+    assert len(names) >= 13  # the discovery above found them
+    missing = [name for name in names if f"`{name}" not in section]
+    assert not missing, f"metrics not in the README's list: {missing}"
+
+
 def test_readme_leads_with_the_two_commands():
     assert README.index("make demo") < README.index("make test") < README.index("helm install")
     assert "kubectl label namespace" in README and "kubectl get configmap learned-images" in README
