@@ -134,7 +134,7 @@ COMMANDS: dict[str, tuple[str, str, list[Option]]] = {
         "Ensure the kubernetes.io/tls Secret holds a valid pair for the Service (created "
         "once, reused while valid, renewed from the stored CA when expiring), then set "
         "caBundle on the named webhook configurations. Cluster access from --kubeconfig, "
-        "KUBECONFIG, else in-cluster.",
+        "KUBECONFIG, ~/.kube/config, else in-cluster (as the observer's).",
         [
             Option("--namespace", "PREWARM_NAMESPACE", "namespace of the Secret and the "
                    "Service (default in a pod: its own namespace)", metavar="NS"),
@@ -274,18 +274,17 @@ def _pod_namespace() -> str | None:
 
 
 def _api_client(kubeconfig: str | None) -> Any:
-    from kubernetes import client, config
+    """A client found as the observer and reconciler find theirs (webhook/kube.py)."""
+    from kubernetes import config
+
+    from webhook.kube import KubeconfigError, NoCluster, api_client
 
     try:
-        if kubeconfig:
-            return config.new_client_from_config(config_file=kubeconfig, persist_config=False)
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)
-            return client.ApiClient(configuration)
-    except config.ConfigException as exc:
+        return api_client(kubeconfig)
+    except NoCluster as exc:
+        raise UsageError(str(exc)) from None
+    except (KubeconfigError, config.ConfigException) as exc:
         raise Failure(f"cluster configuration: {exc}") from None
-    raise UsageError("no cluster to talk to: pass --kubeconfig, set KUBECONFIG, or run in a pod")
 
 
 def cmd_secret(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""Kubernetes API clients: from KUBECONFIG (or ~/.kube/config) when present, otherwise
-the in-cluster ServiceAccount."""
+"""Kubernetes API clients, configured as kubectl finds its cluster: the given kubeconfig,
+else KUBECONFIG, else ~/.kube/config when it exists, else the in-cluster ServiceAccount.
+The observer, the reconciler and the certs tool all resolve it here."""
 
 from __future__ import annotations
 
@@ -17,33 +18,55 @@ class KubeconfigError(RuntimeError):
     pass
 
 
+class NoCluster(KubeconfigError):
+    """Neither a kubeconfig nor a pod's ServiceAccount to find the cluster with."""
+
+    def __init__(self) -> None:
+        super().__init__("no cluster to talk to: pass --kubeconfig, set KUBECONFIG, create "
+                         "~/.kube/config, or run in a pod")
+
+
+def kubeconfig_path(kubeconfig: str | None = None) -> str | None:
+    """The kubeconfig to use (a KUBECONFIG-style list of files, merged by the client), or
+    None for the in-cluster configuration; NoCluster when there is neither. A kubeconfig
+    that was asked for (argument, KUBECONFIG) but is missing is an error, not a
+    fallback."""
+    named = kubeconfig or os.environ.get("KUBECONFIG")
+    if named:
+        first = named.split(os.pathsep)[0]
+        if not os.path.exists(first):
+            raise KubeconfigError(f"kubeconfig {first} does not exist")
+        return named
+    default = os.path.expanduser("~/.kube/config")
+    if os.path.exists(default):
+        return default
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    raise NoCluster()
+
+
 def check_config(kubeconfig: str | None = None) -> None:
     """Fails with KubeconfigError if no usable configuration exists, without building a
     client. The client writes a kubeconfig's embedded certificates to temp files that
     it deletes at exit: built in gunicorn's master, those files would be shared by the
     forked workers, and the first worker to exit would delete them under the others."""
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    if kubeconfig or os.environ.get("KUBECONFIG") or os.path.exists(path):
+    path = kubeconfig_path(kubeconfig)
+    if path is not None:
         try:
-            config.list_kube_config_contexts(config_file=path.split(os.pathsep)[0])
+            config.list_kube_config_contexts(config_file=path)
         except Exception as error:
             raise KubeconfigError(f"kubeconfig {path} is not usable: {error}") from None
-        return
-    if not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        raise KubeconfigError("no kubeconfig (set KUBECONFIG) and not running in a cluster")
 
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    if kubeconfig or os.environ.get("KUBECONFIG") or os.path.exists(path):
-        if not os.path.exists(path.split(os.pathsep)[0]):
-            raise KubeconfigError(f"kubeconfig {path} does not exist")
-        return config.new_client_from_config(config_file=path)
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        configuration = client.Configuration()
-        config.load_incluster_config(client_configuration=configuration)
-        return client.ApiClient(configuration)
-    raise KubeconfigError("no kubeconfig (set KUBECONFIG) and not running in a cluster")
+    """A client for the cluster kubeconfig_path() finds. A kubeconfig is only read:
+    refreshed credentials are not written back into the user's file."""
+    path = kubeconfig_path(kubeconfig)
+    if path is not None:
+        return config.new_client_from_config(config_file=path, persist_config=False)
+    configuration = client.Configuration()
+    config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
 
 
 def _one_line(text: str, limit: int) -> str:

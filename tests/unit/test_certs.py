@@ -362,7 +362,7 @@ SECRET = ["secret", "--namespace", "ns", "--name", "tls", "--service", "prewarm"
     (["frobnicate"], {}, "invalid choice: 'frobnicate'"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_cli_bad_arguments_exit_2_with_a_message(args, env, message, tmp_path):
-    result = run_cli(*args, env=env)
+    result = run_cli(*args, env={"HOME": str(tmp_path), **env})  # no ~/.kube/config
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -374,6 +374,14 @@ def test_cli_check_of_a_missing_file_is_one_line(tmp_path):
     assert result.returncode == 1
     missing = tmp_path / "nope.crt"
     assert result.stderr == f"error: cannot read {missing}: No such file or directory\n"
+
+
+def test_cli_secret_finds_the_cluster_in_kube_config_as_the_observer_does(tmp_path):
+    (tmp_path / ".kube").mkdir()
+    unreachable_kubeconfig(tmp_path).rename(tmp_path / ".kube" / "config")
+    result = run_cli(*SECRET, env={"HOME": str(tmp_path)})
+    assert result.returncode == 1  # it tried that cluster (not: exit 2, no cluster)
+    assert result.stderr.startswith("error: cannot reach the API server")
 
 
 def test_cli_secret_with_an_unreachable_api_server_is_one_line(tmp_path):

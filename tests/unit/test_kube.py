@@ -1,11 +1,15 @@
-"""One-line descriptions of errors for the logs (webhook/kube.py, describe_error)."""
+"""webhook/kube.py: one-line descriptions of errors for the logs (describe_error), and
+how every command finds its cluster (kubeconfig_path, api_client)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from kubernetes.client.exceptions import ApiException
 
+from tests.support import unreachable_kubeconfig
+from webhook import kube
 from webhook.kube import describe_error
 
 
@@ -35,3 +39,54 @@ def test_a_body_that_is_not_a_status_and_other_errors_still_read_on_one_line():
     assert describe_error(ConnectionRefusedError(111, "Connection refused")) == \
         "ConnectionRefusedError: [Errno 111] Connection refused"
     assert len(describe_error(ValueError("x" * 1000))) == 300
+
+
+# -- finding the cluster (kubeconfig_path): as kubectl does, the same for every command --
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A home directory without ~/.kube/config, no KUBECONFIG, not in a pod."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    (tmp_path / "home").mkdir()
+    return tmp_path / "home"
+
+
+def kubeconfig_file(path):
+    """A kubeconfig at `path` (see tests.support.unreachable_kubeconfig)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return unreachable_kubeconfig(path.parent).rename(path)
+
+
+def test_the_cluster_is_found_in_kubectl_s_order(home, tmp_path, monkeypatch):
+    with pytest.raises(kube.NoCluster, match="pass --kubeconfig, set KUBECONFIG, create "
+                       "~/.kube/config, or run in a pod"):
+        kube.kubeconfig_path()
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert kube.kubeconfig_path() is None  # in a pod
+    default = kubeconfig_file(home / ".kube" / "config")
+    assert kube.kubeconfig_path() == str(default)  # kubectl's file wins over the pod's
+    named = kubeconfig_file(tmp_path / "named")
+    monkeypatch.setenv("KUBECONFIG", f"{named}:{default}")
+    assert kube.kubeconfig_path() == f"{named}:{default}"  # the list, merged by the client
+    given = kubeconfig_file(tmp_path / "given")
+    assert kube.kubeconfig_path(str(given)) == str(given)
+
+
+def test_a_kubeconfig_asked_for_but_missing_is_an_error_not_a_fallback(home, monkeypatch):
+    kubeconfig_file(home / ".kube" / "config")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBECONFIG", "/nowhere/config")
+    with pytest.raises(kube.KubeconfigError, match="kubeconfig /nowhere/config does not exist"):
+        kube.api_client()
+    with pytest.raises(kube.KubeconfigError, match="does not exist"):
+        kube.check_config()
+
+
+def test_the_client_reads_a_kubeconfig_without_writing_it_back(home):
+    path = kubeconfig_file(home / ".kube" / "config")
+    before = path.read_bytes()
+    with kube.api_client() as api:
+        assert api.configuration.host in before.decode()
+    assert path.read_bytes() == before
