@@ -385,13 +385,30 @@ def test_every_pod_of_the_chart_runs_on_linux_nodes(extra: tuple[str, ...]) -> N
         assert selector.get("kubernetes.io/os") == "linux", f"{obj['kind']}/{obj['metadata']['name']}"
 
 
-def test_the_certs_jobs_take_their_own_tolerations() -> None:
+def test_the_certs_jobs_take_their_own_tolerations_and_priority() -> None:
     objects = render(*JOB_MODE, "--set", "certs.job.tolerations[0].operator=Exists",
-                     "--set", "certs.job.nodeSelector.pool=system")
-    for job in find(objects, "Job"):
+                     "--set", "certs.job.nodeSelector.pool=system",
+                     "--set", "certs.job.priorityClassName=platform-critical",
+                     "--set", "observer.priorityClassName=observer-class")
+    jobs = find(objects, "Job")
+    assert len(jobs) == 2
+    for job in jobs:
         spec = pod_spec(job)
         assert spec["tolerations"] == [{"operator": "Exists"}]
         assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", "pool": "system"}
+        assert spec["priorityClassName"] == "platform-critical"
+    assert all("priorityClassName" not in pod_spec(job) for job in find(render(*JOB_MODE), "Job"))
+
+
+def test_the_test_pod_is_placed_as_the_observer_is() -> None:
+    objects = render("--set", "observer.priorityClassName=observer-class",
+                     "--set", "observer.tolerations[0].operator=Exists",
+                     "--set", "observer.nodeSelector.pool=system")
+    (test_pod,) = find(objects, "Pod")
+    observer_spec = next(pod_spec(d) for d in find(objects, "Deployment")
+                         if d["metadata"]["labels"]["app.kubernetes.io/component"] == "observer")
+    for key in ("priorityClassName", "tolerations", "nodeSelector"):
+        assert test_pod["spec"][key] == observer_spec[key], key
 
 
 @MODES
