@@ -13,16 +13,21 @@ was most of the time spent on one: measured in one process, 137 us for an empty 
 view, 40 us for a whole review as plain WSGI; with cold CPU caches, as between reviews
 arriving every few milliseconds, 473 us and 312 us. Served by gunicorn at 200 reviews/s
 (12 paired rounds), the median p50 went from 2.03 to 1.26 ms.
+
+JSON in and out is orjson's: the standard library's decoder and encoder were then half
+of a review's time (measured in one process, 41.6 us a review with them, 24.0 us with
+orjson). orjson takes UTF-8 JSON only, which is what the API server sends: a NaN, a
+byte-order mark, UTF-16 or a lone surrogate escape is a 400 like any other bad body.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.http import parse_options_header
@@ -85,7 +90,7 @@ def _quoted(reference: str) -> str:
 
 
 def _encode(document: Any) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
+    return orjson.dumps(document)
 
 
 def _error(status: int, message: str) -> tuple[Response, int]:
@@ -160,7 +165,7 @@ class AdmissionEndpoints:
         if not raw or raw.isspace():  # e.g. a POST with neither Content-Length nor chunks
             raise self.bad("the body is empty: an AdmissionReview (JSON) is expected")
         try:
-            return json.loads(raw)
+            return orjson.loads(raw)
         except (ValueError, RecursionError) as error:
             raise self.bad(f"body is not valid JSON: {error}"[:300]) from None
 

@@ -68,6 +68,11 @@ def test_a_body_cut_short_gets_a_400_saying_so(app, server_frames_body):
     (json.dumps(REVIEW).encode(), {"Content-Type": "text/plain; charset=utf-8"},
      "content type must be application/json, got 'text/plain'"),
     (b"{", JSON, "not valid JSON"),
+    # JSON as the API server sends it, UTF-8 and nothing else (orjson)
+    (b'{"kind": NaN}', JSON, "not valid JSON"),
+    ("{}".encode("utf-16"), JSON, "not valid JSON"),
+    (b"\xef\xbb\xbf" + json.dumps(REVIEW).encode(), JSON, "not valid JSON"),
+    (json.dumps(REVIEW).encode() + b"{", JSON, "not valid JSON"),
     (b"", JSON, "the body is empty: an AdmissionReview (JSON) is expected"),
     (b" \n", JSON, "the body is empty"),
     (json.dumps({**REVIEW, "kind": "Pod"}).encode(), JSON, "AdmissionReview"),
