@@ -3,7 +3,9 @@
 observer    /observe vs a bare allow-all WSGI handler served by the same gunicorn
             settings (gthread, TLS, keep-alive): reviews/s, p50/p99, server CPU time per
             review and the ratios under 8 connections at full speed (load from hey, the
-            two servers back to back in each round); p50/p99 at 200 reviews/s arriving
+            two servers back to back in each round; a second pair against the same
+            handler with the observer's JSON codec, orjson; and each handler's cost
+            called in one process, without a server); p50/p99 at 200 reviews/s arriving
             at random (bench/paced.py), next to the machine's floor (bench/floor.py: a
             thread per connection, standard library only) and the CPU time the VM's host
             took away meanwhile (steal); API writes per 10,000 admissions of already-known
@@ -65,25 +67,36 @@ def review_body(index: int) -> bytes:
 
 # -- servers -------------------------------------------------------------------------
 
-def baseline_app(_settings):
-    """What the observer is compared with: an allow-all handler that parses the review
-    and echoes the uid, and nothing else. Plain WSGI, as the observer's admission
-    endpoints are (webhook/app.py says why)."""
-
+def _allow_all(loads, dumps):
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/observe":
             length = int(environ.get("CONTENT_LENGTH") or 0)
-            uid = json.loads(environ["wsgi.input"].read(length))["request"]["uid"]
+            uid = loads(environ["wsgi.input"].read(length))["request"]["uid"]
             document = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
                         "response": {"uid": uid, "allowed": True}}
         else:
             document = {"status": "ok"}
-        body = json.dumps(document, separators=(",", ":")).encode()
+        body = dumps(document)
         start_response("200 OK", [("Content-Type", "application/json"),
                                   ("Content-Length", str(len(body)))])
         return [body]
 
     return app
+
+
+def baseline_app(_settings):
+    """What the observer is compared with: an allow-all handler that parses the review
+    and echoes the uid, and nothing else, with the standard library's json. Plain WSGI,
+    as the observer's admission endpoints are (webhook/app.py says why)."""
+    return _allow_all(json.loads, lambda doc: json.dumps(doc, separators=(",", ":")).encode())
+
+
+def baseline_orjson_app(_settings):
+    """The same allow-all handler with the observer's JSON codec (orjson): printed next
+    to the baseline, so that the part of the ratio that is the codec shows."""
+    import orjson
+
+    return _allow_all(orjson.loads, orjson.dumps)
 
 
 SERVER_SCRIPT = """
@@ -96,6 +109,8 @@ setup(config.log_format, "WARNING")
 factory = None
 if sys.argv[1] == "baseline":
     from bench.__main__ import baseline_app as factory
+if sys.argv[1] == "baseline-orjson":
+    from bench.__main__ import baseline_orjson_app as factory
 serve(config, app_factory=factory)
 """
 
@@ -236,6 +251,37 @@ def gc_pause(env: dict[str, str]) -> dict:
     return json.loads(out.stdout)
 
 
+IN_PROCESS_SCRIPT = """
+import io, json, statistics, timeit
+from webhook import settings
+from webhook.app import create_app
+from bench.__main__ import baseline_app, baseline_orjson_app, review_body
+body = review_body(7)
+def environ():
+    return {"PATH_INFO": "/observe", "REQUEST_METHOD": "POST", "CONTENT_LENGTH": str(len(body)),
+            "CONTENT_TYPE": "application/json", "wsgi.input": io.BytesIO(body),
+            "wsgi.input_terminated": True}
+apps = {"baseline": baseline_app(None), "baseline-orjson": baseline_orjson_app(None),
+        "observer": create_app(settings.load()).wsgi_app}
+runs = {kind: [] for kind in apps}
+for _ in range(9):  # interleaved, as the servers' rounds are
+    for kind, app in apps.items():
+        runs[kind].append(1e6 * min(timeit.repeat(lambda: app(environ(), lambda *a: None),
+                                                  number=5000, repeat=3)) / 5000)
+print(json.dumps({kind: statistics.median(times) for kind, times in runs.items()}))
+"""
+
+
+def in_process(env: dict[str, str]) -> dict[str, float]:
+    """Microseconds for one /observe review through each WSGI app, called directly: the
+    handlers' own cost, without the server, TLS and scheduling that the runs above add."""
+    out = subprocess.run([sys.executable, "-c", IN_PROCESS_SCRIPT], capture_output=True,
+                         text=True, check=True, cwd=REPO, timeout=300,
+                         env={**os.environ, **env, "PYTHONPATH": str(REPO),
+                              "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="prewarm-ip-")})
+    return json.loads(out.stdout)
+
+
 def cpu_times() -> tuple[int, int]:
     """(steal, total) jiffies of the machine: steal is time the host ran something else
     while this VM had work to do."""
@@ -291,7 +337,7 @@ def bench_observer(args) -> None:
     client.CoreV1Api(plane.api_client()).create_namespace({"metadata": {"name": "prewarm"}})
     servers: dict[str, Server] = {}
     try:
-        for kind in ("floor", "baseline", "observer"):
+        for kind in ("floor", "baseline", "baseline-orjson", "observer"):
             servers[kind] = Server(kind, workdir, env)
             # warm-up: connections, caches, and the first flush (which writes the new
             # images once) before anything is measured
@@ -300,12 +346,15 @@ def bench_observer(args) -> None:
         # settling, the host's other guests) instead of one of them getting it all; in a
         # round every server gets the same random arrivals (same seed)
         full: dict[str, list[dict]] = {"baseline": [], "observer": []}
+        # the same, a second pair per round: the handler with the observer's JSON codec
+        codec: dict[str, list[dict]] = {"baseline-orjson": [], "observer": []}
         rate: dict[str, list[dict]] = {"floor": [], "baseline": [], "observer": []}
         for round_ in range(args.rounds):
             # the order turns every round: on this VM a run right after another
             # saturating one measures differently (the host's CPU quota), by up to 15%
-            for kind in rotated(list(full), round_):
-                full[kind].append(load(servers[kind], seconds=args.seconds, connections=8))
+            for pair in (full, codec):
+                for kind in rotated(list(pair), round_):
+                    pair[kind].append(load(servers[kind], seconds=args.seconds, connections=8))
             for kind in rotated(list(rate), round_):
                 rate[kind].append(paced_load(servers[kind], seconds=2 * args.seconds, seed=round_))
         # writes for known images: every KNOWN_IMAGES body (50 images over 5 namespaces)
@@ -328,19 +377,29 @@ def bench_observer(args) -> None:
         # medians of the rounds: a best-of-N ratio swings with whichever side got one
         # lucky quiet round; each round's own ratio is printed too
         full_median = {kind: medians(runs) for kind, runs in full.items()}
+        full_median["baseline-orjson"] = medians(codec["baseline-orjson"])
         median = {kind: medians(runs) for kind, runs in rate.items()}
         base, obs = full_median["baseline"], full_median["observer"]
-        print(f"{'':30}{'floor':>10}{'baseline':>10}{'observer':>10}")
-        print(f"{'reviews/s (8 connections)':30}{'':>10}{base['rps']:>10.0f}{obs['rps']:>10.0f}")
-        print(f"{'p50 ms (8 connections)':30}{'':>10}{base['p50_ms']:>10.2f}{obs['p50_ms']:>10.2f}")
-        print(f"{'p99 ms (8 connections)':30}{'':>10}{base['p99_ms']:>10.2f}{obs['p99_ms']:>10.2f}")
-        print(f"{'server CPU us per review':30}{'':>10}{base['cpu_us']:>10.0f}{obs['cpu_us']:>10.0f}")
+        columns = {"floor": "floor", "baseline": "baseline", "baseline-orjson": "+orjson",
+                   "observer": "observer"}
+
+        def row(label: str, figures: dict[str, float], form: str) -> None:
+            print(f"{label:30}" + "".join(
+                f"{format(figures[kind], form) if kind in figures else '':>10}"
+                for kind in columns))
+
+        print(f"{'':30}" + "".join(f"{title:>10}" for title in columns.values()))
+        for key, label, form in (("rps", "reviews/s (8 connections)", ".0f"),
+                                 ("p50_ms", "p50 ms (8 connections)", ".2f"),
+                                 ("p99_ms", "p99 ms (8 connections)", ".2f"),
+                                 ("cpu_us", "server CPU us per review", ".0f")):
+            row(label, {kind: m[key] for kind, m in full_median.items()}, form)
         for key, label in (("p50_ms", "p50 ms at 200 reviews/s"), ("p99_ms", "p99 ms at 200 reviews/s")):
-            print(f"{label:30}" + "".join(f"{median[kind][key]:>10.2f}" for kind in rate))
-        print(f"{'  host steal % meanwhile':30}" + "".join(
-            f"{median[kind]['steal_pct']:>10.1f}" for kind in rate))
-        errors = {kind: sum(r["errors"] for r in full.get(kind, []) + rate[kind]) for kind in rate}
-        print(f"{'errors':30}" + "".join(f"{errors[kind]:>10}" for kind in rate))
+            row(label, {kind: m[key] for kind, m in median.items()}, ".2f")
+        row("  host steal % meanwhile", {kind: m["steal_pct"] for kind, m in median.items()}, ".1f")
+        errors = {kind: sum(r["errors"] for r in full.get(kind, []) + codec.get(kind, [])
+                            + rate.get(kind, [])) for kind in columns}
+        row("errors", errors, "d")
         # the host's steal during each run next to its p99: on a shared VM the two move
         # together, whichever server is measured
         for kind, runs in rate.items():
@@ -354,6 +413,10 @@ def bench_observer(args) -> None:
               f"median of {args.rounds} rounds, each a back-to-back pair of {args.seconds:.0f}s "
               "runs at full speed, load from hey: " + " ".join(f"{r:.2f}" for r in pairs)
               + f"; ratio of the medians {obs['rps'] / base['rps']:.2f})")
+        same_codec = [o["rps"] / b["rps"] for o, b in zip(codec["observer"], codec["baseline-orjson"])]
+        print(f"  against the allow-all handler with orjson, the observer's JSON codec: "
+              f"{statistics.median(same_codec):.2f} (a second back-to-back pair in each round: "
+              + " ".join(f"{r:.2f}" for r in same_codec) + ")")
         cpu_pairs = [b["cpu_us"] / o["cpu_us"] for o, b in zip(full["observer"], full["baseline"])]
         print(f"reviews per server CPU-second, observer/baseline: {statistics.median(cpu_pairs):.2f} "
               "(the same runs; the kernel charges the host's steal to no process, so this "
@@ -365,6 +428,10 @@ def bench_observer(args) -> None:
         print(f"API writes per 10,000 admissions of known images: {10000 * writes / max(reviews, 1):.1f} "
               f"(over {reviews:.0f} reviews of {len(KNOWN_IMAGES)} images in 5 namespaces, "
               f"in turn; target 0)")
+        alone = in_process(env)
+        print("one review in one process, no server (median of 9): baseline "
+              f"{alone['baseline']:.1f} us, with orjson {alone['baseline-orjson']:.1f} us, "
+              f"observer {alone['observer']:.1f} us")
         pause = gc_pause(env)
         print(f"full garbage collection in an observer worker: {pause['before_ms']:.1f} ms; after "
               f"the start-up heap ({pause['frozen']} objects) is frozen: {pause['after_ms']:.2f} ms")
