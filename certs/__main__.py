@@ -275,15 +275,13 @@ def _pod_namespace() -> str | None:
 
 def _api_client(kubeconfig: str | None) -> Any:
     """A client found as the observer and reconciler find theirs (webhook/kube.py)."""
-    from kubernetes import config
-
     from webhook.kube import KubeconfigError, NoCluster, api_client
 
     try:
         return api_client(kubeconfig)
-    except NoCluster as exc:
-        raise UsageError(str(exc)) from None
-    except (KubeconfigError, config.ConfigException) as exc:
+    except NoCluster:
+        raise UsageError(str(NoCluster("pass --kubeconfig, set KUBECONFIG"))) from None
+    except KubeconfigError as exc:
         raise Failure(f"cluster configuration: {exc}") from None
 
 

@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any, Callable, Iterator
 
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -21,22 +22,25 @@ class KubeconfigError(RuntimeError):
 class NoCluster(KubeconfigError):
     """Neither a kubeconfig nor a pod's ServiceAccount to find the cluster with."""
 
-    def __init__(self) -> None:
-        super().__init__("no cluster to talk to: pass --kubeconfig, set KUBECONFIG, create "
-                         "~/.kube/config, or run in a pod")
+    def __init__(self, how: str = "set KUBECONFIG") -> None:
+        super().__init__(f"no cluster to talk to: {how}, create ~/.kube/config, or run in "
+                         "a pod")
 
 
 def kubeconfig_path(kubeconfig: str | None = None) -> str | None:
-    """The kubeconfig to use (a KUBECONFIG-style list of files, merged by the client), or
-    None for the in-cluster configuration; NoCluster when there is neither. A kubeconfig
-    that was asked for (argument, KUBECONFIG) but is missing is an error, not a
-    fallback."""
-    named = kubeconfig or os.environ.get("KUBECONFIG")
-    if named:
-        first = named.split(os.pathsep)[0]
-        if not os.path.exists(first):
-            raise KubeconfigError(f"kubeconfig {first} does not exist")
-        return named
+    """The kubeconfig to use, or None for the in-cluster configuration; NoCluster when
+    there is neither. A file given (`kubeconfig`) must exist. KUBECONFIG is a list, as
+    for kubectl: its files that exist are merged by the client, and at least one must
+    exist; one that was asked for but is missing is an error, not a fallback."""
+    if kubeconfig:
+        if not os.path.exists(os.path.expanduser(kubeconfig)):
+            raise KubeconfigError(f"kubeconfig {kubeconfig} does not exist")
+        return kubeconfig
+    listed = [path for path in os.environ.get("KUBECONFIG", "").split(os.pathsep) if path]
+    if listed:
+        if not any(os.path.exists(os.path.expanduser(path)) for path in listed):
+            raise KubeconfigError(f"no file of KUBECONFIG exists: {os.pathsep.join(listed)}")
+        return os.pathsep.join(listed)
     default = os.path.expanduser("~/.kube/config")
     if os.path.exists(default):
         return default
@@ -59,14 +63,20 @@ def check_config(kubeconfig: str | None = None) -> None:
 
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
-    """A client for the cluster kubeconfig_path() finds. A kubeconfig is only read:
+    """A client for the cluster kubeconfig_path() finds; KubeconfigError, with the
+    reason, for a kubeconfig the client cannot use. A kubeconfig is only read:
     refreshed credentials are not written back into the user's file."""
     path = kubeconfig_path(kubeconfig)
-    if path is not None:
-        return config.new_client_from_config(config_file=path, persist_config=False)
-    configuration = client.Configuration()
-    config.load_incluster_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
+    try:
+        if path is not None:
+            return config.new_client_from_config(config_file=path, persist_config=False)
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    except (config.ConfigException, yaml.YAMLError, OSError) as error:
+        where = f"kubeconfig {path}" if path else "in-cluster configuration"
+        raise KubeconfigError(f"{where} is not usable: "
+                              f"{' '.join(str(error).split())}") from None
 
 
 def _one_line(text: str, limit: int) -> str:

@@ -60,8 +60,8 @@ def kubeconfig_file(path):
 
 
 def test_the_cluster_is_found_in_kubectl_s_order(home, tmp_path, monkeypatch):
-    with pytest.raises(kube.NoCluster, match="pass --kubeconfig, set KUBECONFIG, create "
-                       "~/.kube/config, or run in a pod"):
+    with pytest.raises(kube.NoCluster, match="set KUBECONFIG, create ~/.kube/config, or run "
+                       "in a pod"):
         kube.kubeconfig_path()
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     assert kube.kubeconfig_path() is None  # in a pod
@@ -74,19 +74,50 @@ def test_the_cluster_is_found_in_kubectl_s_order(home, tmp_path, monkeypatch):
     assert kube.kubeconfig_path(str(given)) == str(given)
 
 
+def test_a_kubeconfig_list_skips_missing_and_empty_entries_as_kubectl_does(home, tmp_path,
+                                                                           monkeypatch):
+    present = kubeconfig_file(tmp_path / "present")
+    monkeypatch.setenv("KUBECONFIG", f":/nowhere/config::{present}")
+    with kube.api_client() as api:
+        assert api.configuration.host in present.read_text()
+
+
 def test_a_kubeconfig_asked_for_but_missing_is_an_error_not_a_fallback(home, monkeypatch):
     kubeconfig_file(home / ".kube" / "config")
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-    monkeypatch.setenv("KUBECONFIG", "/nowhere/config")
-    with pytest.raises(kube.KubeconfigError, match="kubeconfig /nowhere/config does not exist"):
+    monkeypatch.setenv("KUBECONFIG", "/nowhere/config:/elsewhere/config")
+    with pytest.raises(kube.KubeconfigError, match="no file of KUBECONFIG exists: "
+                       "/nowhere/config:/elsewhere/config"):
         kube.api_client()
-    with pytest.raises(kube.KubeconfigError, match="does not exist"):
+    with pytest.raises(kube.KubeconfigError, match="no file of KUBECONFIG exists"):
         kube.check_config()
+    with pytest.raises(kube.KubeconfigError, match="kubeconfig /nowhere/x does not exist"):
+        kube.api_client("/nowhere/x")
 
 
-def test_the_client_reads_a_kubeconfig_without_writing_it_back(home):
-    path = kubeconfig_file(home / ".kube" / "config")
-    before = path.read_bytes()
-    with kube.api_client() as api:
-        assert api.configuration.host in before.decode()
-    assert path.read_bytes() == before
+@pytest.mark.parametrize("text, reason", [
+    ("clusters: [unclosed", "while parsing"),
+    ("apiVersion: v1\nkind: Config\ncurrent-context: gone\ncontexts: []\n", "gone"),
+])
+def test_an_unusable_kubeconfig_is_one_clear_error(home, text, reason):
+    (home / ".kube").mkdir()
+    (home / ".kube" / "config").write_text(text)
+    with pytest.raises(kube.KubeconfigError, match=f"kubeconfig {home}/.kube/config is not "
+                       "usable: .*" + reason):
+        kube.api_client()
+
+
+def test_the_client_never_writes_refreshed_credentials_into_the_kubeconfig(home, monkeypatch):
+    """The client writes a kubeconfig back only when it refreshes credentials (OIDC, a
+    cloud provider's token), which a test cannot make it do: the call is checked."""
+    kubeconfig_file(home / ".kube" / "config")
+    calls = []
+    real = kube.config.new_client_from_config
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(kube.config, "new_client_from_config", spy)
+    kube.api_client().close()
+    assert calls == [{"config_file": str(home / ".kube" / "config"), "persist_config": False}]
