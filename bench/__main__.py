@@ -26,6 +26,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -244,10 +245,11 @@ print(json.dumps({"before_ms": before, "after_ms": full_collection_ms(), "frozen
 def gc_pause(env: dict[str, str]) -> dict:
     """A full garbage collection in an observer worker, before and after the start-up
     heap is frozen (webhook/server.py, freeze_startup_heap): median of 5."""
-    out = subprocess.run([sys.executable, "-c", GC_SCRIPT], capture_output=True, text=True,
-                         check=True, cwd=REPO, timeout=120,
-                         env={**os.environ, **env, "PYTHONPATH": str(REPO),
-                              "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="prewarm-gc-")})
+    with tempfile.TemporaryDirectory(prefix="prewarm-bench-metrics-") as metrics_dir:
+        out = subprocess.run([sys.executable, "-c", GC_SCRIPT], capture_output=True, text=True,
+                             check=True, cwd=REPO, timeout=120,
+                             env={**os.environ, **env, "PYTHONPATH": str(REPO),
+                                  "PROMETHEUS_MULTIPROC_DIR": metrics_dir})
     return json.loads(out.stdout)
 
 
@@ -275,10 +277,11 @@ print(json.dumps({kind: statistics.median(times) for kind, times in runs.items()
 def in_process(env: dict[str, str]) -> dict[str, float]:
     """Microseconds for one /observe review through each WSGI app, called directly: the
     handlers' own cost, without the server, TLS and scheduling that the runs above add."""
-    out = subprocess.run([sys.executable, "-c", IN_PROCESS_SCRIPT], capture_output=True,
-                         text=True, check=True, cwd=REPO, timeout=300,
-                         env={**os.environ, **env, "PYTHONPATH": str(REPO),
-                              "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="prewarm-ip-")})
+    with tempfile.TemporaryDirectory(prefix="prewarm-bench-metrics-") as metrics_dir:
+        out = subprocess.run([sys.executable, "-c", IN_PROCESS_SCRIPT], capture_output=True,
+                             text=True, check=True, cwd=REPO, timeout=300,
+                             env={**os.environ, **env, "PYTHONPATH": str(REPO),
+                                  "PROMETHEUS_MULTIPROC_DIR": metrics_dir})
     return json.loads(out.stdout)
 
 
@@ -400,6 +403,8 @@ def bench_observer(args) -> None:
         errors = {kind: sum(r["errors"] for r in full.get(kind, []) + codec.get(kind, [])
                             + rate.get(kind, [])) for kind in columns}
         row("errors", errors, "d")
+        print("  (+orjson: the allow-all handler with orjson, from each round's second pair; "
+              "the observer column is the first pair's observer)")
         # the host's steal during each run next to its p99: on a shared VM the two move
         # together, whichever server is measured
         for kind, runs in rate.items():
@@ -439,6 +444,7 @@ def bench_observer(args) -> None:
         for server in servers.values():
             server.stop()
         plane.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # its private key too
 
 
 # -- reconciler ----------------------------------------------------------------------
