@@ -39,7 +39,8 @@ def kubeconfig_path(kubeconfig: str | None = None) -> str | None:
     listed = [path for path in os.environ.get("KUBECONFIG", "").split(os.pathsep) if path]
     if listed:
         if not any(os.path.exists(os.path.expanduser(path)) for path in listed):
-            raise KubeconfigError(f"no file of KUBECONFIG exists: {os.pathsep.join(listed)}")
+            raise KubeconfigError(f"kubeconfig {listed[0]} does not exist" if len(listed) == 1
+                                  else f"no file of KUBECONFIG exists: {', '.join(listed)}")
         return os.pathsep.join(listed)
     default = os.path.expanduser("~/.kube/config")
     if os.path.exists(default):

@@ -87,9 +87,10 @@ def test_a_kubeconfig_asked_for_but_missing_is_an_error_not_a_fallback(home, mon
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("KUBECONFIG", "/nowhere/config:/elsewhere/config")
     with pytest.raises(kube.KubeconfigError, match="no file of KUBECONFIG exists: "
-                       "/nowhere/config:/elsewhere/config"):
+                       "/nowhere/config, /elsewhere/config"):
         kube.api_client()
-    with pytest.raises(kube.KubeconfigError, match="no file of KUBECONFIG exists"):
+    monkeypatch.setenv("KUBECONFIG", "/nowhere/config")
+    with pytest.raises(kube.KubeconfigError, match="kubeconfig /nowhere/config does not exist"):
         kube.check_config()
     with pytest.raises(kube.KubeconfigError, match="kubeconfig /nowhere/x does not exist"):
         kube.api_client("/nowhere/x")
