@@ -242,15 +242,22 @@ print(json.dumps({"before_ms": before, "after_ms": full_collection_ms(), "frozen
 """
 
 
-def gc_pause(env: dict[str, str]) -> dict:
-    """A full garbage collection in an observer worker, before and after the start-up
-    heap is frozen (webhook/server.py, freeze_startup_heap): median of 5."""
+def observer_child(script: str, env: dict[str, str], *, timeout: float) -> dict:
+    """Runs `script`, which builds the observer's app as a worker does, in a process of
+    its own with a metrics directory of its own (removed after); returns the JSON it
+    prints."""
     with tempfile.TemporaryDirectory(prefix="prewarm-bench-metrics-") as metrics_dir:
-        out = subprocess.run([sys.executable, "-c", GC_SCRIPT], capture_output=True, text=True,
-                             check=True, cwd=REPO, timeout=120,
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True, cwd=REPO, timeout=timeout,
                              env={**os.environ, **env, "PYTHONPATH": str(REPO),
                                   "PROMETHEUS_MULTIPROC_DIR": metrics_dir})
     return json.loads(out.stdout)
+
+
+def gc_pause(env: dict[str, str]) -> dict:
+    """A full garbage collection in an observer worker, before and after the start-up
+    heap is frozen (webhook/server.py, freeze_startup_heap): median of 5."""
+    return observer_child(GC_SCRIPT, env, timeout=120)
 
 
 IN_PROCESS_SCRIPT = """
@@ -277,12 +284,7 @@ print(json.dumps({kind: statistics.median(times) for kind, times in runs.items()
 def in_process(env: dict[str, str]) -> dict[str, float]:
     """Microseconds for one /observe review through each WSGI app, called directly: the
     handlers' own cost, without the server, TLS and scheduling that the runs above add."""
-    with tempfile.TemporaryDirectory(prefix="prewarm-bench-metrics-") as metrics_dir:
-        out = subprocess.run([sys.executable, "-c", IN_PROCESS_SCRIPT], capture_output=True,
-                             text=True, check=True, cwd=REPO, timeout=300,
-                             env={**os.environ, **env, "PYTHONPATH": str(REPO),
-                                  "PROMETHEUS_MULTIPROC_DIR": metrics_dir})
-    return json.loads(out.stdout)
+    return observer_child(IN_PROCESS_SCRIPT, env, timeout=300)
 
 
 def cpu_times() -> tuple[int, int]:
