@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, NamedTuple
 
 import urllib3
@@ -34,6 +34,7 @@ from kubernetes.client.exceptions import ApiException
 
 from webhook import daemonset, images, metrics
 from webhook.kube import api_client, describe_error, list_items
+from webhook.listen import DualStackHTTPServer
 from webhook.podcache import PodImages, PodWatch, learnable
 from webhook.settings import Settings
 from webhook.store import (LearnedImagesStore, LearnedSet, Observation, StoreUnavailable,
@@ -756,7 +757,7 @@ def run(settings: Settings, *, once: bool = False) -> int:
                 return {"status": "ok", "leader": elector.is_leader(),
                         "failedPasses": schedule.failures}
 
-        server = ThreadingHTTPServer(("0.0.0.0", settings.health_port), Health)
+        server = DualStackHTTPServer(settings.health_port, Health)
         threading.Thread(target=server.serve_forever, daemon=True, name="health").start()
 
     def terminate(*_args) -> None:  # a pod is stopped with SIGTERM

@@ -52,6 +52,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers import gthread
 from gunicorn.workers.gthread import ThreadWorker
 
+from webhook import listen
 from webhook.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -428,7 +429,7 @@ class ObserverServer(BaseApplication):
                 multiprocess.mark_process_dead(worker.pid)
 
         options = {
-            "bind": [f"{s.bind_address}:{s.port}"],
+            "bind": [listen.bind_string(s.bind_address, s.port)],
             "workers": s.workers,
             "worker_class": ObserverWorker,
             "sendfile": False,  # never used over TLS; and it would bypass the gathered writes
@@ -487,8 +488,9 @@ def serve(settings: Settings, *, app_factory=None, extra: dict[str, Any] | None 
     reloader = CertReloader(settings.tls_cert_file, settings.tls_key_file)  # fails clearly
     metrics_dir, created = prepare_metrics_dir()
     master = os.getpid()
-    logger.info("observer listening on https://%s:%d (%d workers x %d threads)",
-                settings.bind_address, settings.port, settings.workers, settings.threads)
+    logger.info("observer listening on https://%s (%d workers x %d threads)",
+                listen.bind_string(settings.bind_address, settings.port), settings.workers,
+                settings.threads)
     try:
         ObserverServer(settings, app_factory=app_factory, extra=extra,
                        reloader=reloader).run()

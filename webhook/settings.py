@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -42,6 +43,22 @@ def parse_list(text: str) -> tuple[str, ...]:
 
 def parse_json(text: str) -> Any:
     return json.loads(text) if text.strip() else None
+
+
+def parse_bind_address(text: str) -> str:
+    """A host to listen on: an IP address (IPv6 with or without brackets) or a name; ""
+    for every address (webhook.listen)."""
+    host = text.strip()
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in bare or bare != host:
+        try:
+            ipaddress.IPv6Address(bare)
+        except ValueError:
+            raise ValueError(f"not an address to listen on: {text!r} (an IPv4 or IPv6 "
+                             f"address, without the port: that is --port)") from None
+    elif bare and not re.fullmatch(r"[A-Za-z0-9.-]+", bare):
+        raise ValueError(f"not an address to listen on: {text!r}")
+    return bare
 
 
 def parse_bool(text: str) -> bool:
@@ -85,7 +102,8 @@ FIELDS: tuple[Field, ...] = (
     Field("log_level", "INFO", str, "log level: DEBUG, INFO, WARNING, ERROR"),
     # -- the observer -------------------------------------------------------------------
     Field("port", "8443", int, "HTTPS port of the observer", SERVE),
-    Field("bind_address", "0.0.0.0", str, "address the observer listens on", SERVE),
+    Field("bind_address", "", parse_bind_address, "address the observer listens on; empty: "
+          "every address, IPv6 and IPv4 (0.0.0.0 where the kernel has no IPv6)", SERVE),
     Field("tls_cert_file", "", str, "serving certificate (PEM); re-read when it changes", SERVE),
     Field("tls_key_file", "", str, "serving private key (PEM); re-read when it changes", SERVE),
     Field("workers", "2", int, "gunicorn worker processes", SERVE),
@@ -155,8 +173,8 @@ FIELDS: tuple[Field, ...] = (
           "pods (comma-separated, in Prewarm's namespace)", RECONCILE),
     Field("max_unavailable", "10%", str, "rollingUpdate.maxUnavailable of the DaemonSet",
           RECONCILE),
-    Field("health_port", "8081", int, "reconciler's /healthz, /readyz and /metrics port (0: off)",
-          RECONCILER),
+    Field("health_port", "8081", int, "reconciler's /healthz, /readyz and /metrics port, on every "
+          "address, IPv6 and IPv4 (0: off)", RECONCILER),
 )
 
 
@@ -167,7 +185,7 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     port: int = 8443
-    bind_address: str = "0.0.0.0"
+    bind_address: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
     workers: int = 2
