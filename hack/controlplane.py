@@ -528,7 +528,7 @@ def _main(argv: list[str] | None = None) -> int:
             if any(p.running() for p in old.processes):
                 print(f"a control plane is already running from {args.dir}; "
                       f"`make cluster-down` first", file=sys.stderr)
-                print(f"export KUBECONFIG={old.kubeconfig}")
+                print(f"export KUBECONFIG={old.kubeconfig.resolve()}")
                 return 1
             shutil.rmtree(args.dir)
         started = time.monotonic()
@@ -541,7 +541,7 @@ def _main(argv: list[str] | None = None) -> int:
             return 1
         print(f"ready in {time.monotonic() - started:.1f}s: {plane.url}; logs in "
               f"{args.dir / 'logs'}", file=sys.stderr)
-        print(f"export KUBECONFIG={plane.kubeconfig}")
+        print(f"export KUBECONFIG={plane.kubeconfig.resolve()}")
         return 0
 
     if not (args.dir / STATE_FILE).exists():

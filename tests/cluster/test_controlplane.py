@@ -163,17 +163,20 @@ def test_make_cluster_runs_in_the_background_and_cluster_down_leaves_nothing(tmp
 
     state = tmp_path / "cluster"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a relative folder, as `make cluster`'s default is
     up = subprocess.run([sys.executable, "-m", "hack.controlplane", "up", "--nodes", "1",
-                         "--dir", str(state)], env=env, cwd=REPO, capture_output=True,
+                         "--dir", "cluster"], env=env, cwd=tmp_path, capture_output=True,
                         text=True, timeout=180)
     assert up.returncode == 0, up.stderr
-    assert up.stdout.strip() == f"export KUBECONFIG={state / 'admin.kubeconfig'}"
+    # an absolute path: the line is pasted into shells anywhere, not only in the repo
+    assert up.stdout.strip() == f"export KUBECONFIG={state.resolve() / 'admin.kubeconfig'}"
     pids = [p.pid for p in ControlPlane.from_state(state).processes]
     try:
-        # `up` has exited; the control plane keeps serving
-        nodes = subprocess.run([str(find_binary("kubectl")), "--kubeconfig",
-                                str(state / "admin.kubeconfig"), "get", "nodes", "-o", "name"],
-                               capture_output=True, text=True, timeout=60)
+        # `up` has exited; the control plane keeps serving, to kubectl run from elsewhere
+        # with the printed KUBECONFIG
+        nodes = subprocess.run([str(find_binary("kubectl")), "get", "nodes", "-o", "name"],
+                               env={**os.environ, "KUBECONFIG": up.stdout.strip().split("=", 1)[1]},
+                               cwd="/", capture_output=True, text=True, timeout=60)
         assert nodes.stdout.split() == ["node/kwok-node-0"], nodes.stderr
     finally:
         down = subprocess.run([sys.executable, "-m", "hack.controlplane", "down", "--dir",
