@@ -261,6 +261,7 @@ def load(args: argparse.Namespace | None = None,
     command = command or getattr(args, "command", None)
     used = {spec.name for spec in FIELDS if command is None or command in spec.commands}
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}  # name -> the flag or variable its value came from
     for spec in FIELDS:
         if spec.name not in used:
             continue
@@ -274,10 +275,11 @@ def load(args: argparse.Namespace | None = None,
             values[spec.name] = spec.parse(str(raw))
         except (ValueError, json.JSONDecodeError) as error:
             raise SettingsError(f"{source}={raw!r}: {error}") from None
+        given[spec.name] = source
     if not values.get("namespace"):
         values["namespace"] = default_namespace()
     settings = Settings(**values)
-    _validate(settings, used)
+    _validate(settings, used, given=given)
     return settings
 
 
@@ -289,44 +291,51 @@ MAX_BYTES_CEILING = 1024 * 1024 - 8 * 1024  # also store.DATA_LIMIT, what a writ
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def _validate(settings: Settings, used: set[str] | None = None) -> None:
-    """Checks the settings in `used` (all of them by default)."""
+def _validate(settings: Settings, used: set[str] | None = None, *,
+              given: dict[str, str] | None = None) -> None:
+    """Checks the settings in `used` (all of them by default). A message names a setting
+    as it was `given` (its flag, or its variable), else by its variable."""
     if used is None:
         used = {spec.name for spec in FIELDS}
+    given = given or {}
+
+    def named(name: str) -> str:
+        return given.get(name) or f"PREWARM_{name.upper()}"
+
     if settings.log_format not in ("text", "json"):
-        raise SettingsError(f"PREWARM_LOG_FORMAT={settings.log_format!r}: use text or json")
+        raise SettingsError(f"{named('log_format')}={settings.log_format!r}: use text or json")
     if settings.log_level.upper() not in LOG_LEVELS:
-        raise SettingsError(f"PREWARM_LOG_LEVEL={settings.log_level!r}: use one of "
+        raise SettingsError(f"{named('log_level')}={settings.log_level!r}: use one of "
                             f"{', '.join(LOG_LEVELS)}")
     for name in ("workers", "threads", "max_images", "max_images_per_namespace", "shard_size",
                  "buffer_max", "max_bytes"):
         if getattr(settings, name) < 1:
-            raise SettingsError(f"PREWARM_{name.upper()} must be at least 1")
+            raise SettingsError(f"{named(name)} must be at least 1")
     for name in ("flush_interval", "resync_period", "status_interval", "lease_duration"):
         if getattr(settings, name) <= 0:
-            raise SettingsError(f"PREWARM_{name.upper()} must be more than 0")
+            raise SettingsError(f"{named(name)} must be more than 0")
     if settings.run_as_user < 1:
-        raise SettingsError("PREWARM_RUN_AS_USER must be a UID of at least 1: the pre-pull "
+        raise SettingsError(f"{named('run_as_user')} must be a UID of at least 1: the pre-pull "
                             "containers run as non-root (restricted Pod Security profile)")
     if not re.fullmatch(r"[1-9][0-9]*|([1-9][0-9]?|100)%", settings.max_unavailable):
-        raise SettingsError(f"PREWARM_MAX_UNAVAILABLE={settings.max_unavailable!r}: use a "
+        raise SettingsError(f"{named('max_unavailable')}={settings.max_unavailable!r}: use a "
                             f"number of pods (at least 1) or a percentage from 1% to 100%")
     for name, lowest in (("port", 1), ("health_port", 0)):
         if not lowest <= getattr(settings, name) <= 65535:
-            raise SettingsError(f"PREWARM_{name.upper()} must be from {lowest} to 65535")
+            raise SettingsError(f"{named(name)} must be from {lowest} to 65535")
     if re.search(r"-[0-9]+$", settings.daemonset):
         raise SettingsError(
-            f"PREWARM_DAEMONSET={settings.daemonset!r} may not end in -<digits>: its shards "
+            f"{named('daemonset')}={settings.daemonset!r} may not end in -<digits>: its shards "
             f"are named <daemonset>-<n>, and another release's would be taken for its own")
     if settings.max_bytes > MAX_BYTES_CEILING:
         raise SettingsError(
-            f"PREWARM_MAX_BYTES must be at most {MAX_BYTES_CEILING}: the API server refuses a "
+            f"{named('max_bytes')} must be at most {MAX_BYTES_CEILING}: the API server refuses a "
             f"ConfigMap over 1 MiB")
     if "image_ttl" in used and \
             settings.image_ttl <= settings.last_seen_refresh + settings.resync_period:
         raise SettingsError(
-            f"PREWARM_IMAGE_TTL ({settings.image_ttl:g}s) must be longer than "
-            f"PREWARM_LAST_SEEN_REFRESH + PREWARM_RESYNC_PERIOD "
+            f"{named('image_ttl')} ({settings.image_ttl:g}s) must be longer than "
+            f"{named('last_seen_refresh')} + {named('resync_period')} "
             f"({settings.last_seen_refresh + settings.resync_period:g}s): an image in use "
             f"would otherwise expire between two refreshes of its lastSeen")
     from webhook.images import ImageFilter
@@ -334,13 +343,13 @@ def _validate(settings: Settings, used: set[str] | None = None) -> None:
     try:
         ImageFilter(allow=settings.allow, deny=settings.deny)
     except ValueError as error:
-        raise SettingsError(f"PREWARM_ALLOW / PREWARM_DENY: {error}") from None
+        raise SettingsError(f"{named('allow')} / {named('deny')}: {error}") from None
     if settings.node_selector is not None and not isinstance(settings.node_selector, dict):
-        raise SettingsError("PREWARM_NODE_SELECTOR must be a JSON object")
+        raise SettingsError(f"{named('node_selector')} must be a JSON object")
     if settings.tolerations is not None and not isinstance(settings.tolerations, list):
-        raise SettingsError("PREWARM_TOLERATIONS must be a JSON list")
+        raise SettingsError(f"{named('tolerations')} must be a JSON list")
     if settings.affinity is not None and not isinstance(settings.affinity, dict):
-        raise SettingsError("PREWARM_AFFINITY must be a JSON object")
+        raise SettingsError(f"{named('affinity')} must be a JSON object")
 
 
 def replace(settings: Settings, **changes: Any) -> Settings:

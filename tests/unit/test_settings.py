@@ -74,6 +74,24 @@ def test_bind_addresses_are_kept_without_brackets(text, host):
     assert load(environ={"PREWARM_BIND_ADDRESS": text}, command="serve").bind_address == host
 
 
+def test_a_refused_flag_is_named_as_given():
+    """A value passed as a flag is named by its flag in the error, not by a variable the
+    user never set."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    settings_module.add_arguments(parser, "reconcile")
+    args = parser.parse_args(["--image-ttl", "1h", "--shard-size", "5"])
+    with pytest.raises(SettingsError) as error:
+        load(args, environ={"PREWARM_NAMESPACE": "pw"}, command="reconcile")
+    assert str(error.value).startswith("--image-ttl (3600s) must be longer than "
+                                       "PREWARM_LAST_SEEN_REFRESH + PREWARM_RESYNC_PERIOD")
+    with pytest.raises(SettingsError, match=r"^--shard-size must be at least 1"):
+        load(parser.parse_args(["--shard-size", "0"]), environ={}, command="reconcile")
+    with pytest.raises(SettingsError, match=r"^PREWARM_SHARD_SIZE must be at least 1"):
+        load(parser.parse_args([]), environ={"PREWARM_SHARD_SIZE": "0"}, command="reconcile")
+
+
 class _BrokenStore:
     """A store whose write fails with an error nobody planned for."""
 
