@@ -162,7 +162,8 @@ class LearnedSet:
             try:
                 record = Record.from_json(value)
                 record.image = images.normalize(record.image)
-            except (ValueError, TypeError) as error:  # InvalidReference is a ValueError
+            # InvalidReference is a ValueError; RecursionError: JSON nested too deep
+            except (ValueError, TypeError, RecursionError) as error:
                 _warn_once(key, value, f"learned-images key {key} is not a valid record "
                                        f"({error}); kept as is until it is fixed or deleted")
                 learned.unparsed[key] = value
@@ -260,6 +261,9 @@ class MergeResult:
     changed: bool = False
     added: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+    # images refused only because every namespace they were seen in is full: those
+    # namespaces (a sighting elsewhere may still be learned)
+    full_in: dict[str, frozenset[str]] = field(default_factory=dict)
     # known images seen in namespaces their record could not list (byte cap): recorded,
     # and nothing lost but the listing
     unlisted: list[str] = field(default_factory=list)
@@ -320,22 +324,27 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
                 size += len(after) - len(before)
                 result.changed = True
             continue
-        namespaces = sorted(seen.namespaces)[:MAX_NAMESPACES_PER_IMAGE]
         if len(learned.records) >= settings.max_images:
             result.refused.append((image, f"max images reached ({settings.max_images})"))
             continue
         # The image is charged to one namespace it was seen in (listed first): one that
-        # still has room, so a full namespace does not block an image others use too.
-        origin = next((n for n in namespaces
+        # still has room, so a full namespace does not block an image others use too;
+        # looked for among all of them, before the list is cut to its cap.
+        seen_in = sorted(seen.namespaces)
+        origin = next((n for n in seen_in
                        if per_namespace.get(n, 0) < settings.max_images_per_namespace), None)
-        if namespaces and origin is None:
-            result.refused.append((image, f"max images per namespace reached for "
-                                          f"{', '.join(namespaces)} "
+        if seen_in and origin is None:
+            shown = ", ".join(seen_in[:MAX_NAMESPACES_PER_IMAGE]) + (
+                f" and {len(seen_in) - MAX_NAMESPACES_PER_IMAGE} more"
+                if len(seen_in) > MAX_NAMESPACES_PER_IMAGE else "")
+            result.refused.append((image, f"max images per namespace reached for {shown} "
                                           f"({settings.max_images_per_namespace})"))
+            result.full_in[image] = frozenset(seen_in)
             continue
-        if origin:
-            namespaces.remove(origin)
-            namespaces.insert(0, origin)
+        if origin is not None:
+            seen_in.remove(origin)
+            seen_in.insert(0, origin)
+        namespaces = seen_in[:MAX_NAMESPACES_PER_IMAGE]
         record = Record(image=image, namespaces=namespaces, first_seen=rfc3339(seen.first),
                         last_seen=rfc3339(seen.last), source=source)
         entry = len(record.to_json()) + RECONCILER_RESERVE

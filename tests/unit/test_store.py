@@ -376,3 +376,47 @@ def test_writers_that_collided_wait_a_random_growing_while_before_reading_again(
     assert 0.079 < windows[4] <= 0.08 and 0.49 < windows[7] <= 0.5 and windows[50] <= 0.5
     # two writers that collided do not come back in step
     assert len({round(conflict_delay(3, rng=rng), 6) for _ in range(100)}) > 95
+
+
+def test_a_namespace_with_room_is_found_past_the_listed_twenty():
+    """An image first seen in more namespaces than a record lists is charged to one
+    with room wherever it sorts, not refused because the first twenty are full."""
+    learned = LearnedSet()
+    settings = Settings(max_images_per_namespace=1)
+    full = [f"a{index:02d}" for index in range(MAX_NAMESPACES_PER_IMAGE)]
+    for index, namespace in enumerate(full):
+        merge(learned, {f"a.io/own-{index}:1": seen(namespace)}, source="admission",
+              settings=settings)
+    result = merge(learned, {"a.io/shared:1": seen(*full, "zz-has-room")},
+                   source="admission", settings=settings)
+    assert result.added == ["a.io/shared:1"] and not result.refused
+    listed = learned.get("a.io/shared:1").namespaces
+    assert listed[0] == "zz-has-room" and len(listed) == MAX_NAMESPACES_PER_IMAGE
+    # all full: refused, with the namespaces it may still be learned from elsewhere
+    refused = merge(learned, {"a.io/other:1": seen(*full, "zz-has-room")},
+                    source="admission", settings=settings)
+    assert refused.added == [] and refused.full_in == {
+        "a.io/other:1": frozenset(full + ["zz-has-room"])}
+    assert refused.refused[0][1].startswith("max images per namespace reached for a00, a01")
+    assert "and 1 more (1)" in refused.refused[0][1]
+
+
+def test_other_refusals_are_not_tied_to_namespaces():
+    learned = LearnedSet()
+    merge(learned, {"a.io/x:1": seen("ns")}, source="admission", settings=Settings(max_images=1))
+    result = merge(learned, {"a.io/y:1": seen("ns")}, source="admission",
+                   settings=Settings(max_images=1))
+    assert result.refused and result.full_in == {}
+
+
+def test_json_nested_too_deep_is_kept_verbatim_and_the_rest_still_merges():
+    """A hand edit no JSON decoder can hold (nesting past the recursion limit) must not
+    stop every read, and with it every write, of learned-images."""
+    deep = "[" * 100_000 + "]" * 100_000
+    good = LearnedSet()
+    merge(good, {"a.io/kept:1": seen("ns")}, source="admission", settings=Settings())
+    learned = LearnedSet.decode({"deep": deep, **good.encode()})
+    assert learned.unparsed == {"deep": deep}
+    assert [r.image for r in learned.records.values()] == ["a.io/kept:1"]
+    result = merge(learned, {"a.io/new:1": seen("ns")}, source="admission", settings=Settings())
+    assert result.added == ["a.io/new:1"] and learned.encode()["deep"] == deep
