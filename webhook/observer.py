@@ -97,7 +97,8 @@ class Flusher:
         self._store: LearnedImagesStore | None = None
         self._snapshot: Snapshot | None = None
         self._snapshot_at = 0.0
-        self._refused_until: dict[str, float] = {}
+        # image -> (until when, the namespaces it was refused for; None: any namespace)
+        self._refused: dict[str, tuple[float, frozenset[str] | None]] = {}
         self._failures = 0
         self._next_attempt = 0.0
         self._stop = threading.Event()
@@ -239,14 +240,14 @@ class Flusher:
                         ", ".join(result.added[:3]), ", ..." if len(result.added) > 3 else "")
         if result.refused:
             metrics.IMAGES_REFUSED.inc(len(result.refused))
-            for image, reason in result.refused:
-                self._refused_until[image] = now + SNAPSHOT_MAX_AGE
+            for image, _reason in result.refused:
+                self._refused[image] = (now + SNAPSHOT_MAX_AGE, result.full_in.get(image))
             logger.warning("%d images not recorded: %s (first: %s)", len(result.refused),
                            result.refused[0][1], result.refused[0][0])
         if result.unlisted:
             # recorded already; without this they would be merged again every flush
             for image in result.unlisted:
-                self._refused_until[image] = now + SNAPSHOT_MAX_AGE
+                self._refused[image] = (now + SNAPSHOT_MAX_AGE, None)
             logger.warning("%d known images seen in new namespaces that learned-images has "
                            "no room to list (PREWARM_MAX_BYTES; first: %s)",
                            len(result.unlisted), result.unlisted[0])
@@ -256,15 +257,22 @@ class Flusher:
                     now: float) -> dict[str, Observation]:
         """Leaves out what needs no write: images the last read already records (with
         these namespaces and a fresh lastSeen) and images a cap refused (or could not
-        list in a new namespace) moments ago."""
+        list in a new namespace) moments ago. An image refused because the namespaces it
+        was seen in were full is left out only when seen in no other namespace: one
+        with room may take it."""
+        # forgotten once past: kept, a steady stream of new images against a full cap
+        # would grow this for as long as the snapshot is kept fresh
+        self._refused = {image: refusal for image, refusal in self._refused.items()
+                         if refusal[0] > now}
         fresh = self._snapshot is not None and now - self._snapshot_at < SNAPSHOT_MAX_AGE
         if not fresh:
-            self._refused_until.clear()
+            self._refused.clear()
             return pending
         learned = self._snapshot.learned
         needed = {}
         for image, seen in pending.items():
-            if self._refused_until.get(image, 0) > now:
+            refusal = self._refused.get(image)
+            if refusal is not None and (refusal[1] is None or seen.namespaces <= refusal[1]):
                 continue
             if needs_write(learned.get(image), seen, refresh=self.settings.last_seen_refresh):
                 needed[image] = seen

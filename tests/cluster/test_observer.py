@@ -341,6 +341,72 @@ def test_eight_concurrent_writers_lose_no_image(cluster, core):
     core.delete_namespace(namespace)
 
 
+class _Clock:
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _flusher_on(core, namespace: str, clock: _Clock, **caps):
+    """A worker's buffer and flusher writing to the real learned-images in `namespace`,
+    on a clock the test moves."""
+    from webhook.observer import Flusher, ImageBuffer
+
+    store = LearnedImagesStore(core, namespace=namespace, name="learned-images")
+    buffer = ImageBuffer(1000)
+    return buffer, Flusher(buffer, lambda: store, Settings(namespace=namespace, **caps),
+                           clock=clock)
+
+
+def test_an_image_refused_in_a_full_namespace_is_learned_from_one_with_room(core):
+    """A Deployment's image refused in a namespace at its cap, then used in another one
+    that has room, moments later: learned there, not dropped as recently refused."""
+    namespace = new_namespace_name("refused")
+    core.create_namespace({"metadata": {"name": namespace}})
+    clock = _Clock()
+    buffer, flusher = _flusher_on(core, namespace, clock, max_images_per_namespace=1)
+    buffer.add(["a.io/first:1"], "full", clock())
+    assert flusher.flush().added == ["a.io/first:1"]
+    clock.now += 1
+    buffer.add(["a.io/shared:1"], "full", clock())
+    assert flusher.flush().refused[0][0] == "a.io/shared:1"
+    clock.now += 1
+    buffer.add(["a.io/shared:1"], "roomy", clock())
+    flusher.flush()
+    assert learned_images(core, namespace)["a.io/shared:1"]["namespaces"] == ["roomy"]
+    # seen in the full namespace alone again: still refused, and not even merged
+    clock.now += 1
+    buffer.add(["a.io/again:1"], "full", clock())
+    assert flusher.flush().refused[0][0] == "a.io/again:1"
+    clock.now += 1
+    buffer.add(["a.io/again:1"], "full", clock())
+    assert flusher.flush() is None and len(buffer) == 0
+    core.delete_namespace(namespace)
+
+
+def test_a_stream_of_images_refused_at_the_cap_is_not_remembered_for_ever(core):
+    """Past the total cap, every new image (a CI tag a build) is refused and remembered
+    for a while, so that it is not merged again at every flush; remembered for ever,
+    each worker's memory grew with every image refused."""
+    namespace = new_namespace_name("stream")
+    core.create_namespace({"metadata": {"name": namespace}})
+    clock = _Clock()
+    buffer, flusher = _flusher_on(core, namespace, clock, max_images=1)
+    buffer.add(["a.io/only:1"], "ci", clock())
+    flusher.flush()
+    for build in range(120):  # one a second, two minutes
+        clock.now += 1
+        buffer.add([f"a.io/ci:{build}"], "ci", clock())
+        assert flusher.flush().refused[0][0] == f"a.io/ci:{build}"
+    from webhook.observer import SNAPSHOT_MAX_AGE
+
+    assert len(flusher._refused) <= SNAPSHOT_MAX_AGE  # the last 30 s only
+    assert list(learned_images(core, namespace)) == ["a.io/only:1"]
+    core.delete_namespace(namespace)
+
+
 def seen_widely(count: int, namespaces: list[str]) -> dict[str, Observation]:
     """`count` images, each just seen in every one of `namespaces`."""
     now = time.time()
