@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -388,9 +389,16 @@ def _compile_pattern(text: str) -> _Pattern:
 
 
 def _canonical_host(host: str) -> str:
-    """The host as patterns compare it: host names are case-insensitive, and Docker Hub's
-    legacy name is Docker Hub, in any spelling the grammar leaves as it is."""
+    """The host as patterns compare it: host names are case-insensitive, Docker Hub's
+    legacy name is Docker Hub, and an IPv6 address is one address however it is written
+    (`[0:0::1]`, `[::0001]` and `[::1]` are one registry), in any spelling the grammar
+    leaves as it is."""
     host = host.lower()
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:  # the grammar's IPv6 is looser than an address: compared as text
+            return host
     return DEFAULT_DOMAIN if host == LEGACY_DEFAULT_DOMAIN else host
 
 

@@ -357,6 +357,11 @@ MATCHES = [
     pytest.param("[::1]:5000", "[::1]:5000/img", True, id="ipv6-port"),
     pytest.param("[::1]:5000", "[::1]:5001/img", False, id="ipv6-port-mismatch"),
     pytest.param("[::1]", "[::1]:5000/img", True, id="ipv6-any-port"),
+    # one address, however written: a deny must not be dodged by another spelling
+    pytest.param("[::1]:5000", "[0:0::1]:5000/x", True, id="ipv6-other-spelling"),
+    pytest.param("[::1]:5000", "[::0001]:5000/x", True, id="ipv6-leading-zeros"),
+    pytest.param("[FD00::A]", "[fd00:0::a]/x", True, id="ipv6-case-and-zeros"),
+    pytest.param("[::1]", "[::2]/x", False, id="ipv6-other-address"),
     pytest.param("10.0.0.1", "10.0.0.10/img", False, id="ip-prefix-trick"),
 ]
 
