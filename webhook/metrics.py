@@ -28,7 +28,8 @@ REVIEWS = Counter("prewarm_reviews_total", "AdmissionReviews answered, by result
 # (apiserver_admission_webhook_admission_duration_seconds{name="observe.prewarm.io"}).
 IMAGES_OBSERVED = Counter("prewarm_images_observed_total", "image references seen in reviews")
 IMAGES_REJECTED = Counter("prewarm_images_rejected_total",
-                          "invalid image references, never recorded", ["reason"])
+                          "invalid image references (and those past 256 in one object), never "
+                          "recorded", ["reason"])
 IMAGES_FILTERED = Counter("prewarm_images_filtered_total",
                           "images left out by the allow/deny lists")
 IMAGES_REFUSED = Counter("prewarm_images_refused_total",

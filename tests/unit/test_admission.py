@@ -274,14 +274,16 @@ def test_reviews_of_thousands_of_images_leave_nothing_behind_in_memory():
     tracemalloc.start()  # before the warm-up, so what it makes and later frees is traced
     try:
         # fill what is bounded by entries and made once: images.parse's cache of 8,192
-        # valid references (each a few hundred characters at most, by the grammar), ...
-        for index in range(-16, 0):
+        # valid references (each a few hundred characters at most, by the grammar; 40
+        # reviews of MAX_IMAGES_PER_OBJECT read), ...
+        for index in range(-40, 0):
             admission.review(huge(index))
         gc.collect()
         before = tracemalloc.get_traced_memory()[0]
         for index in range(30):
             outcome = admission.review(huge(index))
-            assert len(outcome.images) == (300 if index % 2 else 1000)
+            assert len(outcome.images) == admission.MAX_IMAGES_PER_OBJECT
+            assert len(outcome.rejected) == (300 if index % 2 else 1000) - len(outcome.images)
         del outcome
         gc.collect()
         kept = tracemalloc.get_traced_memory()[0] - before
@@ -290,3 +292,29 @@ def test_reviews_of_thousands_of_images_leave_nothing_behind_in_memory():
     # 15 reviews of 1,000 references and 15 of 300 short names are some 3 MB of strings:
     # none of it may stay
     assert kept < 512 * 1024, f"{kept} bytes kept after 30 distinct reviews"
+
+
+def test_an_object_past_the_image_cap_has_the_rest_counted_not_parsed():
+    """A review may name thousands of images, each invalid one costing its whole parse:
+    past MAX_IMAGES_PER_OBJECT distinct references the rest are rejected unread (and
+    counted as such by the caller), so one review cannot hold a worker for seconds."""
+    cap = admission.MAX_IMAGES_PER_OBJECT
+    names = [f"ghcr.io/acme/app-{n:04d}:v1" for n in range(cap + 44)]
+    containers = [{"name": f"c{n}", "image": image} for n, image in enumerate(names)]
+    # the first cap learned, in order; duplicates of them later do not count twice
+    containers += [{"name": "again", "image": names[0]}]
+    outcome = admission.review(make_review(obj={"spec": {"containers": containers}}))
+    assert outcome.response["response"]["allowed"] is True
+    assert outcome.images == tuple(names[:cap])
+    assert outcome.rejected == tuple((name, admission.TOO_MANY_IMAGES) for name in names[cap:])
+
+
+def test_mutate_looks_at_no_more_images_than_the_cap():
+    cap = admission.MAX_IMAGES_PER_OBJECT
+    containers = [{"name": f"c{n}", "image": f"ghcr.io/acme/app-{n:04d}", "imagePullPolicy": "Always"}
+                  for n in range(cap + 10)]
+    warm = frozenset(f"ghcr.io/acme/app-{n:04d}:latest" for n in range(cap + 10))
+    patch = _patch_of(admission.mutate(make_review(obj={"spec": {"containers": containers}}),
+                                       warm=warm))
+    assert [op["path"] for op in patch] == [f"/spec/containers/{n}/imagePullPolicy"
+                                            for n in range(cap)]
