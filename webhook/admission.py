@@ -288,17 +288,23 @@ def relax_pull_policies(spec: dict[str, Any], warm: frozenset[str]) -> dict[str,
     whose pull policy is (or defaults to) Always get IfNotPresent: a registry outage can
     then not stop a warm launch. Unchanged containers are left exactly as they were."""
     changed = copy.deepcopy(spec)
-    parsed: set[str] = set()
+    # each distinct image parsed once (a failed parse is not cached, and a pod may name
+    # one long invalid reference thousands of times), and no more than the cap of them
+    parsed: dict[str, images.Reference | None] = {}
     for list_name in ("initContainers", "containers"):
         for container in changed.get(list_name) or []:
             if not isinstance(container, dict) or not isinstance(container.get("image"), str):
                 continue
-            parsed.add(container["image"])
-            if len(parsed) > MAX_IMAGES_PER_OBJECT:  # the rest stay as they are
-                return changed
-            try:
-                reference = images.parse(container["image"])
-            except images.InvalidReference:
+            image = container["image"]
+            if image not in parsed:
+                if len(parsed) == MAX_IMAGES_PER_OBJECT:  # the rest stay as they are
+                    return changed
+                try:
+                    parsed[image] = images.parse(image)
+                except images.InvalidReference:
+                    parsed[image] = None
+            reference = parsed[image]
+            if reference is None:
                 continue
             policy = container.get("imagePullPolicy") or default_pull_policy(reference)
             if policy == "Always" and str(reference) in warm:

@@ -208,15 +208,25 @@ def create_app(settings: Settings) -> Flask:
             metrics.count(metrics.IMAGES_OBSERVED, (), len(outcome.images))
             if dropped:
                 metrics.count(metrics.IMAGES_DROPPED, (), dropped)
-        for index, (reference, reason) in enumerate(outcome.rejected):
+        unread = 0
+        invalid = 0
+        for reference, reason in outcome.rejected:
             metrics.count(metrics.IMAGES_REJECTED, (reason,))
-            if index < LOGGED_REJECTIONS:  # a review may carry thousands, each of any length
+            if reason == admission.TOO_MANY_IMAGES:  # not known to be invalid: not read
+                unread += 1
+                continue
+            invalid += 1
+            if invalid <= LOGGED_REJECTIONS:  # a review may carry thousands, of any length
                 logger.info("invalid image reference %s in %s/%s: %s", _quoted(reference),
                             outcome.namespace, outcome.kind, reason)
-        if len(outcome.rejected) > LOGGED_REJECTIONS:
+        if invalid > LOGGED_REJECTIONS:
             logger.info("%d more invalid image references in %s/%s (counted in "
-                        "prewarm_images_rejected_total)", len(outcome.rejected) -
-                        LOGGED_REJECTIONS, outcome.namespace, outcome.kind)
+                        "prewarm_images_rejected_total)", invalid - LOGGED_REJECTIONS,
+                        outcome.namespace, outcome.kind)
+        if unread:
+            logger.info("%d images in %s/%s past the first %d not read (counted in "
+                        "prewarm_images_rejected_total)", unread, outcome.namespace,
+                        outcome.kind, admission.MAX_IMAGES_PER_OBJECT)
         if outcome.filtered:
             metrics.count(metrics.IMAGES_FILTERED, (), len(outcome.filtered))
         metrics.count(metrics.REVIEWS, (outcome.kind, outcome.skipped or "observed"))

@@ -318,3 +318,21 @@ def test_mutate_looks_at_no_more_images_than_the_cap():
                                        warm=warm))
     assert [op["path"] for op in patch] == [f"/spec/containers/{n}/imagePullPolicy"
                                             for n in range(cap)]
+
+
+def test_mutate_parses_a_repeated_image_once(monkeypatch):
+    """A pod naming one long invalid reference in thousands of containers: one parse, not
+    thousands (a failed parse is not cached)."""
+    bad = "a" * 1000 + "!"
+    containers = [{"name": f"c{n}", "image": bad} for n in range(3000)]
+    calls = []
+    real = images.parse
+
+    def counting(ref):
+        calls.append(ref)
+        return real(ref)
+
+    monkeypatch.setattr(images, "parse", counting)
+    answer = admission.mutate(make_review(obj={"spec": {"containers": containers}}),
+                              warm=frozenset())
+    assert "patch" not in answer["response"] and calls == [bad]

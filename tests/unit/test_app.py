@@ -139,3 +139,28 @@ def test_a_review_full_of_long_invalid_references_logs_a_bounded_few_lines(caplo
     assert all(len(line) < 400 for line in lines)
     assert "'Bad/000/XXX" in lines[0] and "(10008 characters)" in lines[0]
     assert lines[-1].startswith("25 more invalid image references in team/Pod")
+
+
+def test_images_past_the_cap_are_counted_and_logged_in_one_line_not_as_invalid(caplog):
+    from webhook import admission, metrics
+
+    app = create_app(Settings(namespace="prewarm"))
+    cap = admission.MAX_IMAGES_PER_OBJECT
+    body = json.loads(json.dumps(REVIEW))
+    body["request"]["object"]["spec"]["containers"] = [
+        {"name": f"c{index}", "image": f"ghcr.io/acme/app-{index:04d}:v1"}
+        for index in range(cap + 40)]
+
+    def unread() -> float:  # counts are published (to the counters) by the flusher
+        metrics.publish_pending()
+        return metrics.IMAGES_REJECTED.labels(admission.TOO_MANY_IMAGES)._value.get()
+
+    before = unread()
+    with caplog.at_level("INFO", logger="webhook.app"):
+        answer = app.test_client().post("/observe", data=json.dumps(body), headers=JSON)
+    assert answer.status_code == 200 and answer.json["response"]["allowed"] is True
+    assert unread() - before == 40
+    lines = [r.getMessage() for r in caplog.records if r.name == "webhook.app"]
+    assert lines == [f"40 images in team/Pod past the first {cap} not read (counted in "
+                     "prewarm_images_rejected_total)"]
+    assert len(app.extensions["prewarm"].buffer) == cap
