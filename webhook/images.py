@@ -391,14 +391,16 @@ def _compile_pattern(text: str) -> _Pattern:
 def _canonical_host(host: str) -> str:
     """The host as patterns compare it: host names are case-insensitive, Docker Hub's
     legacy name is Docker Hub, and an IPv6 address is one address however it is written
-    (`[0:0::1]`, `[::0001]` and `[::1]` are one registry), in any spelling the grammar
-    leaves as it is."""
+    (`[0:0::1]`, `[::0001]` and `[::1]` are one registry; `[::ffff:a00:1]` is 10.0.0.1),
+    in any spelling the grammar leaves as it is."""
     host = host.lower()
     if host.startswith("[") and host.endswith("]"):
         try:
-            return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+            address = ipaddress.IPv6Address(host[1:-1])
         except ValueError:  # the grammar's IPv6 is looser than an address: compared as text
             return host
+        # an IPv4-mapped address is reached over IPv4: the IPv4 address it maps
+        return str(address.ipv4_mapped) if address.ipv4_mapped else f"[{address.compressed}]"
     return DEFAULT_DOMAIN if host == LEGACY_DEFAULT_DOMAIN else host
 
 

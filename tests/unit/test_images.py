@@ -362,6 +362,10 @@ MATCHES = [
     pytest.param("[::1]:5000", "[::0001]:5000/x", True, id="ipv6-leading-zeros"),
     pytest.param("[FD00::A]", "[fd00:0::a]/x", True, id="ipv6-case-and-zeros"),
     pytest.param("[::1]", "[::2]/x", False, id="ipv6-other-address"),
+    pytest.param("10.0.0.1", "[::ffff:a00:1]:5000/x", True, id="ipv4-mapped"),
+    pytest.param("10.0.0.1:5000", "[0:0:0:0:0:ffff:a00:1]:5000/x", True, id="ipv4-mapped-long"),
+    pytest.param("[::ffff:a00:1]", "10.0.0.1/x", True, id="ipv4-mapped-pattern"),
+    pytest.param("10.0.0.1", "[::ffff:a00:2]/x", False, id="ipv4-mapped-other"),
     pytest.param("10.0.0.1", "10.0.0.10/img", False, id="ip-prefix-trick"),
 ]
 
