@@ -60,6 +60,18 @@ class Process:
         self._out.close()
 
 
+def loopback_ipv6() -> bool:
+    """Whether ::1 is there to connect to. Not the same as IPv6 sockets being available:
+    a container whose network has IPv6 turned off (Docker's default) has the sockets and
+    no ::1."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def python_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREWARM_")}
     env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **extra)

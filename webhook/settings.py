@@ -45,20 +45,37 @@ def parse_json(text: str) -> Any:
     return json.loads(text) if text.strip() else None
 
 
+_HOST_NAME_RE = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
 def parse_bind_address(text: str) -> str:
-    """A host to listen on: an IP address (IPv6 with or without brackets) or a name; ""
-    for every address (webhook.listen)."""
+    """A host to listen on: an IPv4 address, an IPv6 address (with or without brackets)
+    or a host name; "" for every address (webhook.listen). Returned without brackets."""
     host = text.strip()
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if ":" in bare or bare != host:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError("brackets are for IPv6 addresses only")
+    if ":" in host:
         try:
-            ipaddress.IPv6Address(bare)
+            address = ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"not an address to listen on: {text!r} (an IPv4 or IPv6 "
-                             f"address, without the port: that is --port)") from None
-    elif bare and not re.fullmatch(r"[A-Za-z0-9.-]+", bare):
-        raise ValueError(f"not an address to listen on: {text!r}")
-    return bare
+            raise ValueError("not an IPv6 address (and a port is a setting of its own: "
+                             "port)") from None
+        if address.scope_id:
+            raise ValueError("an IPv6 zone (%...) cannot be bound here: use the address "
+                             "without it, or leave this empty for every address")
+        return host
+    if re.fullmatch(r"[0-9.]*[0-9][0-9.]*", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError("not an IPv4 address") from None
+    elif host and not _HOST_NAME_RE.fullmatch(host):
+        raise ValueError("not an IP address or a host name")
+    return host
 
 
 def parse_bool(text: str) -> bool:

@@ -561,9 +561,9 @@ def test_a_pass_that_keeps_failing_is_retried_ever_less_often_and_counted(
             ready = json.loads(page.read())
         assert ready["status"] == "ok" and ready["leader"] is True
         assert ready["failedPasses"] >= 3
-        from webhook.listen import ipv6_available
+        from tests.support import loopback_ipv6
 
-        if ipv6_available():  # an IPv6-only cluster probes the pod's IPv6 address
+        if loopback_ipv6():  # an IPv6-only cluster probes the pod's IPv6 address
             with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=10) as page:
                 assert json.loads(page.read()) == {"status": "ok"}
     finally:

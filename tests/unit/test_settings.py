@@ -50,10 +50,17 @@ def test_environment_is_parsed_and_flags_win():
     ({"PREWARM_MAX_UNAVAILABLE": "150%"}, "PREWARM_MAX_UNAVAILABLE='150%'"),
     ({"PREWARM_MAX_UNAVAILABLE": "ten"}, "PREWARM_MAX_UNAVAILABLE='ten'"),
     ({"PREWARM_PORT": "70000"}, "PREWARM_PORT must be from 1 to 65535"),
-    ({"PREWARM_BIND_ADDRESS": "0.0.0.0:8443"}, "without the port: that is --port"),
-    ({"PREWARM_BIND_ADDRESS": "[10.0.0.1]"}, "PREWARM_BIND_ADDRESS='[10.0.0.1]'"),
-    ({"PREWARM_BIND_ADDRESS": "::gg"}, "not an address to listen on"),
-    ({"PREWARM_BIND_ADDRESS": "my host"}, "not an address to listen on"),
+    ({"PREWARM_BIND_ADDRESS": "0.0.0.0:8443"},
+     "PREWARM_BIND_ADDRESS='0.0.0.0:8443': not an IPv6 address (and a port is a setting"),
+    ({"PREWARM_BIND_ADDRESS": "[10.0.0.1]"},
+     "PREWARM_BIND_ADDRESS='[10.0.0.1]': brackets are for IPv6 addresses only"),
+    ({"PREWARM_BIND_ADDRESS": "::gg"}, "not an IPv6 address"),
+    ({"PREWARM_BIND_ADDRESS": "fe80::1%eth0"}, "an IPv6 zone (%...) cannot be bound here"),
+    ({"PREWARM_BIND_ADDRESS": "[fe80::1%eth0]"}, "an IPv6 zone"),
+    ({"PREWARM_BIND_ADDRESS": "999.1.1.1"}, "PREWARM_BIND_ADDRESS='999.1.1.1': not an IPv4"),
+    ({"PREWARM_BIND_ADDRESS": "my host"}, "not an IP address or a host name"),
+    ({"PREWARM_BIND_ADDRESS": "-"}, "not an IP address or a host name"),
+    ({"PREWARM_BIND_ADDRESS": ".."}, "not an IP address or a host name"),
     # an image in use would expire between two refreshes of its lastSeen (6h + 5m)
     ({"PREWARM_IMAGE_TTL": "1h"}, "PREWARM_IMAGE_TTL (3600s) must be longer than"),
     ({"PREWARM_IMAGE_TTL": "2h", "PREWARM_LAST_SEEN_REFRESH": "1h",
@@ -68,7 +75,8 @@ def test_bad_values_are_refused_naming_the_variable(environ, message):
 @pytest.mark.parametrize("text,host", [
     ("", ""), ("  ", ""), ("0.0.0.0", "0.0.0.0"), ("127.0.0.1", "127.0.0.1"),
     ("::", "::"), ("[::]", "::"), ("::1", "::1"), ("[fd00::5]", "fd00::5"),
-    ("localhost", "localhost"),
+    ("localhost", "localhost"), ("observer-0.prewarm.svc", "observer-0.prewarm.svc"),
+    ("[::ffff:10.0.0.1]", "::ffff:10.0.0.1"),
 ])
 def test_bind_addresses_are_kept_without_brackets(text, host):
     assert load(environ={"PREWARM_BIND_ADDRESS": text}, command="serve").bind_address == host
