@@ -134,10 +134,15 @@ class Record:
             if not isinstance(doc.get(name, ""), str):
                 raise ValueError(f"{name!r} is not a string")
         known = {"image", "namespaces", "firstSeen", "lastSeen", "source", "state"}
+        extra = {k: v for k, v in doc.items() if k not in known}
+        if _nested_deeper(extra, MAX_EXTRA_DEPTH):
+            # it decodes here, but encoding it again, deeper in the stack of a write, would
+            # pass the recursion limit and fail every write after it
+            raise ValueError(f"a field is nested deeper than {MAX_EXTRA_DEPTH} levels")
         return cls(image=doc["image"], namespaces=list(namespaces),
                    first_seen=doc.get("firstSeen", ""), last_seen=doc.get("lastSeen", ""),
                    source=doc.get("source", "admission"), state=doc.get("state", "pending"),
-                   extra={k: v for k, v in doc.items() if k not in known})
+                   extra=extra)
 
 
 @dataclass
@@ -337,8 +342,9 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
             shown = ", ".join(seen_in[:MAX_NAMESPACES_PER_IMAGE]) + (
                 f" and {len(seen_in) - MAX_NAMESPACES_PER_IMAGE} more"
                 if len(seen_in) > MAX_NAMESPACES_PER_IMAGE else "")
-            result.refused.append((image, f"max images per namespace reached for {shown} "
-                                          f"({settings.max_images_per_namespace})"))
+            result.refused.append((image, f"max images per namespace "
+                                          f"({settings.max_images_per_namespace}) reached "
+                                          f"for {shown}"))
             result.full_in[image] = frozenset(seen_in)
             continue
         if origin is not None:
@@ -359,6 +365,24 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
         result.added.append(image)
         result.changed = True
     return result
+
+
+# the reconciler's own fields are flat; a hand edit may nest, not without end
+MAX_EXTRA_DEPTH = 32
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether lists and objects inside `value` (a dict of fields) nest deeper than
+    `limit` (without recursion: the point is values too deep for it)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1)
+                         for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 _WARNED: set[tuple[str, int]] = set()

@@ -383,6 +383,15 @@ def test_an_image_refused_in_a_full_namespace_is_learned_from_one_with_room(core
     clock.now += 1
     buffer.add(["a.io/again:1"], "full", clock())
     assert flusher.flush() is None and len(buffer) == 0
+    # "roomy" is full now too: refused there as well, after which neither namespace's
+    # sightings are merged again (not one the other in turn)
+    clock.now += 1
+    buffer.add(["a.io/again:1"], "roomy", clock())
+    assert flusher.flush().refused[0][0] == "a.io/again:1"
+    for namespace_seen in ("full", "roomy", "full"):
+        clock.now += 1
+        buffer.add(["a.io/again:1"], namespace_seen, clock())
+        assert flusher.flush() is None
     core.delete_namespace(namespace)
 
 

@@ -216,7 +216,7 @@ def test_images_backfill_cannot_record_are_logged_and_counted(cluster, core, pre
         result = reconciler.reconcile_once()
     mine = {image: reason for image, reason in result.refused if image in images}
     assert len(mine) == 2 and len(set(images) & set(result.backfilled)) == 1
-    assert all(reason.startswith("max images per namespace reached for " + team)
+    assert all(reason == "max images per namespace (1) reached for " + team
                for reason in mine.values())
     assert (REGISTRY.get_sample_value("prewarm_images_refused_total") or 0.0) \
         >= refused_before + 2

@@ -397,8 +397,8 @@ def test_a_namespace_with_room_is_found_past_the_listed_twenty():
                     source="admission", settings=settings)
     assert refused.added == [] and refused.full_in == {
         "a.io/other:1": frozenset(full + ["zz-has-room"])}
-    assert refused.refused[0][1].startswith("max images per namespace reached for a00, a01")
-    assert "and 1 more (1)" in refused.refused[0][1]
+    assert refused.refused[0][1].startswith("max images per namespace (1) reached for a00, a01")
+    assert refused.refused[0][1].endswith(", a19 and 1 more")
 
 
 def test_other_refusals_are_not_tied_to_namespaces():
@@ -420,3 +420,23 @@ def test_json_nested_too_deep_is_kept_verbatim_and_the_rest_still_merges():
     assert [r.image for r in learned.records.values()] == ["a.io/kept:1"]
     result = merge(learned, {"a.io/new:1": seen("ns")}, source="admission", settings=Settings())
     assert result.added == ["a.io/new:1"] and learned.encode()["deep"] == deep
+
+
+def test_a_field_nested_too_deep_to_write_back_is_kept_verbatim():
+    """Nesting that decodes where it is read, but whose encoding, deeper in the stack of
+    a write, could pass the recursion limit (near 1,000 levels, hit at 950 to 985): any
+    field nested past MAX_EXTRA_DEPTH is kept as a bad value, so that writes go on."""
+    from webhook.store import MAX_EXTRA_DEPTH
+
+    depth = MAX_EXTRA_DEPTH + 1
+    value = ('{"image":"a.io/x:1","note":' + "[" * depth + "]" * depth + "}")
+    learned = LearnedSet.decode({key_for("a.io/x:1"): value})
+    assert learned.records == {} and learned.unparsed == {key_for("a.io/x:1"): value}
+    result = merge(learned, {"a.io/y:1": seen("ns")}, source="admission", settings=Settings())
+    assert result.added == ["a.io/y:1"] and len(learned.encode()) == 2
+    # what the reconciler writes stays well within the limit, as does nesting to it
+    at_limit = "[" * MAX_EXTRA_DEPTH + "]" * MAX_EXTRA_DEPTH
+    flat = LearnedSet.decode({key_for("a.io/z:1"): json.dumps(
+        {"image": "a.io/z:1", "shard": 0, "warmNodes": 3, "retryAt": "2026-11-21T10:00:00Z",
+         "note": json.loads(at_limit)})})
+    assert list(flat.records) == [key_for("a.io/z:1")]
