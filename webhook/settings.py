@@ -62,8 +62,8 @@ def parse_bind_address(text: str) -> str:
         try:
             address = ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError("not an IPv6 address (and a port is a setting of its own: "
-                             "port)") from None
+            raise ValueError("has a ':' but is not an IPv6 address (the port is a "
+                             "setting of its own)") from None
         if address.scope_id:
             raise ValueError("an IPv6 zone (%...) cannot be bound here: use the address "
                              "without it, or leave this empty for every address")

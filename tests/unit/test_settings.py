@@ -51,10 +51,11 @@ def test_environment_is_parsed_and_flags_win():
     ({"PREWARM_MAX_UNAVAILABLE": "ten"}, "PREWARM_MAX_UNAVAILABLE='ten'"),
     ({"PREWARM_PORT": "70000"}, "PREWARM_PORT must be from 1 to 65535"),
     ({"PREWARM_BIND_ADDRESS": "0.0.0.0:8443"},
-     "PREWARM_BIND_ADDRESS='0.0.0.0:8443': not an IPv6 address (and a port is a setting"),
+     "PREWARM_BIND_ADDRESS='0.0.0.0:8443': has a ':' but is not an IPv6 address (the port "
+     "is a setting of its own)"),
     ({"PREWARM_BIND_ADDRESS": "[10.0.0.1]"},
      "PREWARM_BIND_ADDRESS='[10.0.0.1]': brackets are for IPv6 addresses only"),
-    ({"PREWARM_BIND_ADDRESS": "::gg"}, "not an IPv6 address"),
+    ({"PREWARM_BIND_ADDRESS": "::gg"}, "has a ':' but is not an IPv6 address"),
     ({"PREWARM_BIND_ADDRESS": "fe80::1%eth0"}, "an IPv6 zone (%...) cannot be bound here"),
     ({"PREWARM_BIND_ADDRESS": "[fe80::1%eth0]"}, "an IPv6 zone"),
     ({"PREWARM_BIND_ADDRESS": "999.1.1.1"}, "PREWARM_BIND_ADDRESS='999.1.1.1': not an IPv4"),
