@@ -465,11 +465,16 @@ class LeaseElector:
                                                           _request_timeout=TIMEOUT)
             else:
                 if not self._claim(lease, started, now):
+                    # another live holder: whatever our last renewal says, we lead no
+                    # more (the Lease deleted and taken by a standby, or replaced by
+                    # hand); left to lapse, we would write beside it for up to a lease
+                    self._renewed_at = None
                     return False
                 self.coordination.replace_namespaced_lease(name, namespace, lease,
                                                            _request_timeout=TIMEOUT)
         except ApiException as error:
             if error.status == 409:  # another candidate wrote first: it leads
+                self._renewed_at = None
                 return False
             if error.status == 403 and lease is None:  # the chart's Role has no create
                 raise LeaseMissing(

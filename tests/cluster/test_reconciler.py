@@ -380,6 +380,21 @@ def test_only_one_of_two_candidates_leads_and_the_other_takes_over(cluster, prew
     assert lease.spec.holder_identity == "replica-b" and lease.spec.lease_transitions == 1
 
 
+def test_a_leader_that_finds_another_holder_stops_leading_at_once(cluster, prewarm_ns):
+    """The Lease deleted (by hand, a restore, `helm upgrade --force`) and at once
+    created by a standby: the old leader, at its next renewal, sees the other holder
+    and stops writing then, not when its own last renewal would have lapsed."""
+    settings = settings_for(prewarm_ns, lease_duration=60.0)
+    first = LeaseElector(cluster.api_client(), settings, "replica-a")
+    second = LeaseElector(cluster.api_client(), settings, "replica-b")
+    assert first.try_acquire() is True and first.is_leader()
+    leases = client.CoordinationV1Api(cluster.api_client())
+    leases.delete_namespaced_lease(settings.lease_name, prewarm_ns)
+    assert second.try_acquire() is True  # creates it anew, as its holder
+    assert first.try_acquire() is False
+    assert not first.is_leader() and second.is_leader()
+
+
 def test_running_reconciler_follows_learned_images(cluster, core, apps, prewarm_ns, tmp_path):
     """The continuous mode: a change of learned-images reaches the DaemonSet via the watch,
     well before the (long) resync period."""
