@@ -83,11 +83,16 @@ def assign_shards(learned: LearnedSet, settings: Settings) -> dict[str, int]:
     shard with room, most used first. Returns only the assignments that changed, for the
     reconciler to persist."""
     size = settings.shard_size
+    # no more shards than the images need: a shard number past them (a hand edit, or
+    # a larger shard size before) would name a DaemonSet the API server may refuse
+    # (its name is a label value, of at most 63 characters), failing every pass
+    shards = -(-max(len(learned.records), settings.max_images) // size)
     members: dict[int, list[Record]] = {}
     unplaced: list[Record] = []
     for record in sorted(learned.records.values(), key=placement_key):
         shard = record.extra.get("shard")
-        if isinstance(shard, int) and shard >= 0 and len(members.get(shard, [])) < size:
+        if isinstance(shard, int) and not isinstance(shard, bool) and 0 <= shard < shards \
+                and len(members.get(shard, [])) < size:
             members.setdefault(shard, []).append(record)
         else:
             unplaced.append(record)

@@ -158,7 +158,8 @@ FIELDS: tuple[Field, ...] = (
     # -- the reconciler -----------------------------------------------------------------
     Field("daemonset", "prewarm-images", str, "name of the pre-pull DaemonSet (shards get "
           "-<n>)", RECONCILE),
-    Field("shard_size", "100", int, "at most this many images per DaemonSet", RECONCILE),
+    Field("shard_size", "100", int, "at most this many images per DaemonSet (at most 500)",
+          RECONCILE),
     Field("resync_period", "5m", parse_duration, "full reconcile + backfill period",
           RECONCILER),
     Field("status_interval", "10s", parse_duration, "how often the leader looks at the "
@@ -307,6 +308,11 @@ MAX_BYTES_CEILING = 1024 * 1024 - 8 * 1024  # also store.DATA_LIMIT, what a writ
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+# Each pull container is some 0.6 kB of a DaemonSet, and of each of its pods, which also
+# carry a status for each: at 2,000 the DaemonSet alone was refused by etcd ("request
+# is too large").
+MAX_SHARD_SIZE = 500
+
 
 def _validate(settings: Settings, used: set[str] | None = None, *,
               given: dict[str, str] | None = None) -> None:
@@ -340,6 +346,21 @@ def _validate(settings: Settings, used: set[str] | None = None, *,
     for name, lowest in (("port", 1), ("health_port", 0)):
         if not lowest <= getattr(settings, name) <= 65535:
             raise SettingsError(f"{named(name)} must be from {lowest} to 65535")
+    if settings.shard_size > MAX_SHARD_SIZE:
+        raise SettingsError(
+            f"{named('shard_size')} must be at most {MAX_SHARD_SIZE}: a DaemonSet of more pull "
+            f"containers, or its pods with a status for each, nears the API server's limit "
+            f"on an object's size, and every pass would fail")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", settings.daemonset):
+        raise SettingsError(
+            f"{named('daemonset')}={settings.daemonset!r}: use lowercase letters, digits and "
+            f"'-', starting and ending with a letter or digit (a DaemonSet's name, also a "
+            f"label value)")
+    last = f"{settings.daemonset}-{-(-settings.max_images // settings.shard_size) - 1}"
+    if "daemonset" in used and len(last) > 63:
+        raise SettingsError(
+            f"{named('daemonset')}={settings.daemonset!r} is too long: its last shard, "
+            f"{last!r}, would pass 63 characters (its name is a label value)")
     if re.search(r"-[0-9]+$", settings.daemonset):
         raise SettingsError(
             f"{named('daemonset')}={settings.daemonset!r} may not end in -<digits>: its shards "

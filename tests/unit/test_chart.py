@@ -145,6 +145,7 @@ def test_lint_strict_is_clean(extra: tuple[str, ...]) -> None:
     ("reconciler.serviceAccount.name=x/ok", "name"),
     ("prepuller.maxUnavailable=0%", "maxUnavailable"),
     ("daemonSetName=prewarm-images-2", "daemonSetName"),
+    ("prepuller.shardSize=501", "shardSize"),
     ("learning.deny[0]=ghcr.io/acme/", "deny"),
     ("learning.allow[0]=ghcr.io/ACME", "allow"),
 ])

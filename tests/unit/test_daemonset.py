@@ -180,3 +180,24 @@ def test_only_its_own_shards_belong_to_a_reconciler():
               "team-a-images-x", "team-a-images-1-2", "team-a", "prewarm-images"]
     assert [daemonset.is_own_shard(n, settings) for n in own] == [True] * len(own)
     assert [daemonset.is_own_shard(n, settings) for n in others] == [False] * len(others)
+
+
+def test_a_shard_number_past_what_the_images_need_is_placed_anew():
+    """A hand edit (or a larger shard size before) leaves a record in shard 10**50, whose
+    DaemonSet name the API server refuses (a label value of over 63 characters), failing
+    every pass: such a record is placed again, as are shard numbers that are not."""
+    settings = Settings(shard_size=2, max_images=10)
+    learned = learned_with(["a.io/a:1", "a.io/b:1", "a.io/c:1", "a.io/d:1"])
+    persist(learned, settings)
+    learned.get("a.io/a:1").extra["shard"] = 10 ** 50
+    learned.get("a.io/b:1").extra["shard"] = True
+    # max_images=10 at 2 a shard makes shards 0 to 4: 4 is kept, 5 is not
+    learned.get("a.io/c:1").extra["shard"] = 4
+    learned.get("a.io/d:1").extra["shard"] = 5
+    persist(learned, settings)
+    shards = {r.image: r.extra["shard"] for r in learned.records.values()}
+    assert shards["a.io/c:1"] == 4
+    assert all(type(s) is int and 0 <= s < 5 for s in shards.values()), shards
+    names = [m["metadata"]["name"] for m in daemonset.desired_daemonsets(learned, settings,
+                                                                         now=NOW)]
+    assert all(len(name) <= 63 for name in names), names
