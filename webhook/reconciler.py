@@ -285,6 +285,34 @@ class Reconciler:
         metrics.RECONCILES.labels(result.outcome).inc()
         return result
 
+    def _remove_foreign_init_containers(self, applied, manifest: dict[str, Any]) -> None:
+        """Server-side apply removes a list item only when no other field manager owns
+        part of it: an init container added by hand (kubectl edit or patch), or one of
+        ours edited so, stays when we leave it out, is pulled on every node, and makes
+        every pass apply again. Such leftovers are removed by a JSON patch, each after a
+        test of its name, so that a concurrent change makes the patch fail, not remove
+        the wrong container."""
+        wanted = {c["name"] for c in manifest["spec"]["template"]["spec"]["initContainers"]}
+        live = [c.name for c in applied.spec.template.spec.init_containers or []]
+        operations = []
+        for index in reversed(range(len(live))):  # from the end: indexes stay valid
+            if live[index] not in wanted:
+                path = f"/spec/template/spec/initContainers/{index}"
+                operations += [{"op": "test", "path": f"{path}/name", "value": live[index]},
+                               {"op": "remove", "path": path}]
+        if not operations:
+            return
+        self._check_leader()
+        self.apps.patch_namespaced_daemon_set(
+            applied.metadata.name, self.settings.namespace, operations,
+            field_manager=FIELD_MANAGER, _content_type="application/json-patch+json",
+            _request_timeout=TIMEOUT)
+        metrics.API_WRITES.labels("reconciler").inc()
+        logger.warning("DaemonSet %s: removed init containers Prewarm did not put there, or "
+                       "no longer wants, kept by another field manager: %s",
+                       applied.metadata.name,
+                       ", ".join(name for name in live if name not in wanted))
+
     def _check_leader(self) -> None:
         if not self.may_write():
             raise NotLeader("leadership lost during the pass; not writing")
@@ -300,11 +328,12 @@ class Reconciler:
                 outcomes[name] = "unchanged"
                 continue
             self._check_leader()  # before each write: a pass can outlast the lease
-            self.apps.patch_namespaced_daemon_set(
+            applied = self.apps.patch_namespaced_daemon_set(
                 name, self.settings.namespace, manifest, field_manager=FIELD_MANAGER,
                 force=True, _content_type="application/apply-patch+yaml",
                 _request_timeout=TIMEOUT)
             metrics.API_WRITES.labels("reconciler").inc()
+            self._remove_foreign_init_containers(applied, manifest)
             outcomes[name] = "created" if current is None else "updated"
             logger.info("DaemonSet %s %s (%s images)", name, outcomes[name],
                         manifest["metadata"]["annotations"][daemonset.IMAGE_COUNT_ANNOTATION])

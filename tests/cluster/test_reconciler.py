@@ -162,6 +162,42 @@ def test_an_image_pinned_by_hand_under_its_own_key_is_pulled_once(cluster, core,
     assert json.loads(data[key_for("ghcr.io/acme/tool:2")])["lastSeen"]  # its TTL starts
 
 
+def test_init_containers_another_field_manager_keeps_are_removed_once(cluster, core, apps,
+                                                                     prewarm_ns):
+    """An init container added to the DaemonSet by hand (kubectl patch), and one of ours
+    edited so before its image leaves learned-images: server-side apply leaves both, as
+    another field manager owns part of them. Without more, both were pulled on every
+    node for ever, and every pass applied again."""
+    settings = settings_for(prewarm_ns)
+    learn(cluster, prewarm_ns, ["a.example.com/kept:1", "a.example.com/leaving:1"], settings)
+    reconciler = Reconciler(settings, cluster.api_client())
+    assert reconciler.reconcile_once().daemonsets == {"prewarm-images": "created"}
+    live = apps.read_namespaced_daemon_set("prewarm-images", prewarm_ns)
+    ours = {c.image: index for index, c in enumerate(live.spec.template.spec.init_containers)}
+    leaving = ours["a.example.com/leaving:1"]
+    added = client.ApiClient().sanitize_for_serialization(
+        live.spec.template.spec.init_containers[1])  # one of ours, for another image
+    added.update(name=daemonset.container_name("docker.io/library/redis:7"),
+                 image="docker.io/library/redis:7")
+    apps.patch_namespaced_daemon_set("prewarm-images", prewarm_ns, [
+        {"op": "add", "path": "/spec/template/spec/initContainers/-", "value": added},
+        {"op": "replace", "path": f"/spec/template/spec/initContainers/{leaving}/"
+                                  "imagePullPolicy", "value": "Always"}],
+        field_manager="kubectl-patch")
+    store = LearnedImagesStore(core, namespace=prewarm_ns, name=settings.configmap)
+
+    def forget(learned) -> bool:
+        del learned.records[key_for("a.example.com/leaving:1")]
+        return True
+
+    store.update(forget)
+    assert reconciler.reconcile_once().daemonsets == {"prewarm-images": "updated"}
+    live = apps.read_namespaced_daemon_set("prewarm-images", prewarm_ns)
+    assert [c.image for c in live.spec.template.spec.init_containers][1:] == [
+        "a.example.com/kept:1"]
+    assert reconciler.reconcile_once().daemonsets == {"prewarm-images": "unchanged"}
+
+
 def test_a_leader_that_loses_its_lease_mid_pass_writes_no_further_daemonset(
         cluster, core, apps, prewarm_ns):
     settings = settings_for(prewarm_ns, shard_size=1)
