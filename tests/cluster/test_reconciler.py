@@ -319,6 +319,18 @@ def test_a_pull_failure_marks_the_image_failing_removes_it_and_retries_after_bac
 
     assert images_in_daemonset() == [good]
 
+    # the rollout that left it out replaces the pod that failed, one node at a time;
+    # until then that pod still reports the failure, and a pass after the backoff would
+    # count it again (as it should: the pod still cannot pull the image)
+    def victim_replaced() -> bool:
+        try:
+            pod = core.read_namespaced_pod(victim.metadata.name, prewarm_ns)
+        except client.ApiException as error:
+            return error.status == 404
+        return pod.metadata.deletion_timestamp is not None
+
+    eventually("the pod that failed replaced", victim_replaced, timeout=90)
+
     def retried():
         reconciler.reconcile_once()
         return broken in images_in_daemonset()
