@@ -320,6 +320,10 @@ class Reconciler:
     def apply(self, desired: list[dict[str, Any]],
               live: dict[str, dict[str, Any]]) -> dict[str, str]:
         outcomes: dict[str, str] = {}
+        # A shard the API server refuses (an admission policy against one of its images,
+        # a quota) must not hold back the others, nor the removal of emptied ones: each
+        # is applied on its own, and the first refusal fails the pass at its end.
+        refused: list[tuple[str, ApiException]] = []
         live = dict(live)
         for manifest in desired:
             name = manifest["metadata"]["name"]
@@ -328,12 +332,16 @@ class Reconciler:
                 outcomes[name] = "unchanged"
                 continue
             self._check_leader()  # before each write: a pass can outlast the lease
-            applied = self.apps.patch_namespaced_daemon_set(
-                name, self.settings.namespace, manifest, field_manager=FIELD_MANAGER,
-                force=True, _content_type="application/apply-patch+yaml",
-                _request_timeout=TIMEOUT)
-            metrics.API_WRITES.labels("reconciler").inc()
-            self._remove_foreign_init_containers(applied, manifest)
+            try:
+                applied = self.apps.patch_namespaced_daemon_set(
+                    name, self.settings.namespace, manifest, field_manager=FIELD_MANAGER,
+                    force=True, _content_type="application/apply-patch+yaml",
+                    _request_timeout=TIMEOUT)
+                metrics.API_WRITES.labels("reconciler").inc()
+                self._remove_foreign_init_containers(applied, manifest)
+            except ApiException as error:
+                refused.append((name, error))
+                continue
             outcomes[name] = "created" if current is None else "updated"
             logger.info("DaemonSet %s %s (%s images)", name, outcomes[name],
                         manifest["metadata"]["annotations"][daemonset.IMAGE_COUNT_ANNOTATION])
@@ -348,6 +356,10 @@ class Reconciler:
             metrics.API_WRITES.labels("reconciler").inc()
             outcomes[name] = "deleted"
             logger.info("DaemonSet %s deleted (shard empty)", name)
+        for name, error in refused[1:]:  # the first is the pass's error, reported with it
+            logger.error("DaemonSet %s not applied: %s", name, describe_error(error))
+        if refused:
+            raise refused[0][1]
         return outcomes
 
 

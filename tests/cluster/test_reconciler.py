@@ -198,6 +198,59 @@ def test_init_containers_another_field_manager_keeps_are_removed_once(cluster, c
     assert reconciler.reconcile_once().daemonsets == {"prewarm-images": "unchanged"}
 
 
+def test_a_shard_the_api_server_refuses_holds_back_no_other(cluster, apps, prewarm_ns):
+    """An admission policy of the cluster's (here a ValidatingAdmissionPolicy) refuses
+    the DaemonSet of one shard, for one image in it. The other shards are still applied,
+    and the pass fails with the API server's reason, to be retried with backoff; before,
+    the pass stopped at the refused shard, and no later shard was ever applied."""
+    admission = client.AdmissionregistrationV1Api(cluster.api_client())
+    policy = f"no-refused-{prewarm_ns}"
+    admission.create_validating_admission_policy({
+        "metadata": {"name": policy},
+        "spec": {"failurePolicy": "Fail",
+                 "matchConstraints": {"resourceRules": [{
+                     "apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["daemonsets"],
+                     "operations": ["CREATE", "UPDATE"]}]},
+                 "validations": [{
+                     "expression": "!object.spec.template.spec.initContainers.exists(c, "
+                                   "c.image.startsWith('a-refused.example.com/'))",
+                     "message": "images from a-refused.example.com are not allowed here"}]}})
+    admission.create_validating_admission_policy_binding({
+        "metadata": {"name": policy},
+        "spec": {"policyName": policy, "validationActions": ["Deny"],
+                 "matchResources": {"namespaceSelector": {"matchLabels": {
+                     "kubernetes.io/metadata.name": prewarm_ns}}}}})
+    try:
+        probe = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "probe"},
+                 "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
+                     "metadata": {"labels": {"a": "b"}}, "spec": {
+                         "initContainers": [{"name": "i", "image": "a-refused.example.com/x"}],
+                         "containers": [{"name": "c", "image": "pause"}]}}}}
+
+        def policy_in_force() -> bool:  # the API server loads policies in the background
+            try:
+                apps.create_namespaced_daemon_set(prewarm_ns, probe, dry_run="All")
+            except client.ApiException as error:
+                return "a-refused.example.com are not allowed" in error.body
+            return False
+
+        eventually("the admission policy in force", policy_in_force, timeout=60)
+        settings = settings_for(prewarm_ns, shard_size=1)
+        # seen at once, placed by name: the refused image takes shard 0, applied first
+        learn(cluster, prewarm_ns, ["a-refused.example.com/app:1", "b.example.com/one:1",
+                                    "b.example.com/two:1"], settings)
+        with pytest.raises(client.ApiException) as refused:
+            Reconciler(settings, cluster.api_client()).reconcile_once()
+        assert "a-refused.example.com are not allowed here" in refused.value.body
+        shards = {ds.metadata.name: [c.image for c in ds.spec.template.spec.init_containers][1:]
+                  for ds in apps.list_namespaced_daemon_set(prewarm_ns).items}
+        assert shards == {"prewarm-images-1": ["b.example.com/one:1"],
+                          "prewarm-images-2": ["b.example.com/two:1"]}
+    finally:
+        admission.delete_validating_admission_policy_binding(policy)
+        admission.delete_validating_admission_policy(policy)
+
+
 def test_a_leader_that_loses_its_lease_mid_pass_writes_no_further_daemonset(
         cluster, core, apps, prewarm_ns):
     settings = settings_for(prewarm_ns, shard_size=1)
