@@ -22,6 +22,8 @@ byte-order mark, UTF-16 or a lone surrogate escape is a 400 like any other bad b
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -87,6 +89,30 @@ def _quoted(reference: str) -> str:
     if len(reference) <= LOGGED_CHARS:
         return repr(reference)
     return f"{reference[:LOGGED_CHARS]!r}... ({len(reference)} characters)"
+
+
+def _report_rejected(outcome: admission.Outcome) -> None:
+    """Counts a review's rejected references, once per reason (a review may carry
+    thousands, each of any length), and logs the first few invalid ones; those past
+    admission.MAX_IMAGES_PER_OBJECT, not read, in one line."""
+    reasons = collections.Counter(reason for _, reason in outcome.rejected)
+    for reason, amount in reasons.items():
+        metrics.count(metrics.IMAGES_REJECTED, (reason,), amount)
+    unread = reasons.pop(admission.TOO_MANY_IMAGES, 0)  # not known to be invalid
+    invalid = sum(reasons.values())
+    logged = (rejected for rejected in outcome.rejected
+              if rejected[1] != admission.TOO_MANY_IMAGES)
+    for reference, reason in itertools.islice(logged, LOGGED_REJECTIONS):
+        logger.info("invalid image reference %s in %s/%s: %s", _quoted(reference),
+                    outcome.namespace, outcome.kind, reason)
+    if invalid > LOGGED_REJECTIONS:
+        logger.info("%d more invalid image references in %s/%s (counted in "
+                    "prewarm_images_rejected_total)", invalid - LOGGED_REJECTIONS,
+                    outcome.namespace, outcome.kind)
+    if unread:
+        logger.info("%d images in %s/%s past the first %d not read (counted in "
+                    "prewarm_images_rejected_total)", unread, outcome.namespace,
+                    outcome.kind, admission.MAX_IMAGES_PER_OBJECT)
 
 
 def _encode(document: Any) -> bytes:
@@ -208,25 +234,8 @@ def create_app(settings: Settings) -> Flask:
             metrics.count(metrics.IMAGES_OBSERVED, (), len(outcome.images))
             if dropped:
                 metrics.count(metrics.IMAGES_DROPPED, (), dropped)
-        unread = 0
-        invalid = 0
-        for reference, reason in outcome.rejected:
-            metrics.count(metrics.IMAGES_REJECTED, (reason,))
-            if reason == admission.TOO_MANY_IMAGES:  # not known to be invalid: not read
-                unread += 1
-                continue
-            invalid += 1
-            if invalid <= LOGGED_REJECTIONS:  # a review may carry thousands, of any length
-                logger.info("invalid image reference %s in %s/%s: %s", _quoted(reference),
-                            outcome.namespace, outcome.kind, reason)
-        if invalid > LOGGED_REJECTIONS:
-            logger.info("%d more invalid image references in %s/%s (counted in "
-                        "prewarm_images_rejected_total)", invalid - LOGGED_REJECTIONS,
-                        outcome.namespace, outcome.kind)
-        if unread:
-            logger.info("%d images in %s/%s past the first %d not read (counted in "
-                        "prewarm_images_rejected_total)", unread, outcome.namespace,
-                        outcome.kind, admission.MAX_IMAGES_PER_OBJECT)
+        if outcome.rejected:  # most reviews have none
+            _report_rejected(outcome)
         if outcome.filtered:
             metrics.count(metrics.IMAGES_FILTERED, (), len(outcome.filtered))
         metrics.count(metrics.REVIEWS, (outcome.kind, outcome.skipped or "observed"))
