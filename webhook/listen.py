@@ -49,8 +49,9 @@ class DualStackHTTPServer(ThreadingHTTPServer):
     off explicitly, whatever the host's `net.ipv6.bindv6only` says."""
 
     def __init__(self, port: int, handler):
-        self.address_family = socket.AF_INET6 if ipv6_available() else socket.AF_INET
-        super().__init__((any_address(), port), handler)
+        host = any_address()
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), handler)
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:

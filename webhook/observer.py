@@ -242,10 +242,9 @@ class Flusher:
             metrics.IMAGES_REFUSED.inc(len(result.refused))
             for image, _reason in result.refused:
                 full = result.full_in.get(image)
-                earlier = self._refused.get(image)
-                if full is not None and earlier is not None and earlier[1] is not None \
-                        and earlier[0] > now:  # full there too, still
-                    full |= earlier[1]
+                earlier = self._refused.get(image)  # unexpired: _drop_known pruned at `now`
+                if full is not None and earlier is not None and earlier[1] is not None:
+                    full |= earlier[1]  # full there too, still
                 self._refused[image] = (now + SNAPSHOT_MAX_AGE, full)
             logger.warning("%d images not recorded: %s (first: %s)", len(result.refused),
                            result.refused[0][1], result.refused[0][0])

@@ -371,17 +371,20 @@ def merge(learned: LearnedSet, observed: Mapping[str, Observation], *, source: s
 MAX_EXTRA_DEPTH = 32
 
 
-def _nested_deeper(value: Any, limit: int) -> bool:
-    """Whether lists and objects inside `value` (a dict of fields) nest deeper than
-    `limit` (without recursion: the point is values too deep for it)."""
-    stack = [(value, 0)]
+def _nested_deeper(fields: dict[str, Any], limit: int) -> bool:
+    """Whether lists and objects in the values of `fields` nest deeper than `limit`
+    (without recursion: the point is values too deep for it). Only containers are
+    visited: the reconciler's fields, all scalars, cost one look each (this runs for
+    every record of every read)."""
+    containers = (dict, list)
+    stack = [(value, 1) for value in fields.values() if isinstance(value, containers)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1)
-                         for child in (item.values() if isinstance(item, dict) else item))
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1)
+                     for child in (item.values() if isinstance(item, dict) else item)
+                     if isinstance(child, containers))
     return False
 
 
