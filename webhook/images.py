@@ -275,6 +275,9 @@ def _diagnose(candidate: str) -> str:
 # --- allow / deny patterns -------------------------------------------------------------
 
 
+HTTPS_PORT = 443
+
+
 @dataclass(frozen=True)
 class _Pattern:
     text: str
@@ -286,7 +289,9 @@ class _Pattern:
         host, port = _split_host_port(ref.domain)
         if _canonical_host(host) != self.host:
             return False
-        if self.port is not None and port != self.port:
+        # a registry named without a port is pulled from over HTTPS on 443: `reg.io/x` and
+        # `reg.io:443/x` are one server, and a deny on `reg.io:443` must stop both
+        if self.port is not None and (HTTPS_PORT if port is None else port) != self.port:
             return False
         path = ref.path.split("/")
         if len(self.segments) > len(path):
@@ -308,7 +313,8 @@ class ImageFilter:
       `ghcr.io/acme/team/tools/x`, not `ghcr.io/acme/tools/x`.
     - The registry is compared case-insensitively. With a port (`reg.io:5000`) only that
       port matches; without one (`reg.io`) the host matches on any port, because
-      `reg.io:443/x` is pulled from the same server and must not slip past a deny.
+      `reg.io:443/x` is pulled from the same server and must not slip past a deny. For
+      the same reason `reg.io:443` also matches `reg.io/x`, named without a port.
     - The first segment is a registry when it contains `.` or `:`, is `localhost`, or is
       not lowercase, as for images; `index.docker.io` means `docker.io`, in images too,
       whatever its case or port (`INDEX.DOCKER.IO:443/x` is not normalized to

@@ -316,6 +316,11 @@ MATCHES = [
     pytest.param("reg.io:5000", "reg.io:5001/x", False, id="port-mismatch"),
     pytest.param("reg.io:5000", "reg.io:50001/x", False, id="port-prefix"),
     pytest.param("reg.io:5000", "reg.io/x", False, id="port-vs-none"),
+    # a reference without a port is pulled over HTTPS, from 443: the same server
+    pytest.param("reg.io:443", "reg.io/x", True, id="https-port-vs-none"),
+    pytest.param("reg.io:443", "reg.io:5000/x", False, id="https-port-vs-other"),
+    pytest.param("reg.io:80", "reg.io/x", False, id="http-port-vs-none"),
+    pytest.param("[::1]:443", "[::1]/x", True, id="ipv6-https-port-vs-none"),
     pytest.param("reg.io:5000", "reg.io:05000/x", True, id="port-leading-zero"),
     pytest.param("reg:5000", "reg:5000/x", True, id="dotless-host-with-port"),
     pytest.param("docker.io/library", "nginx", True, id="official-namespace"),
