@@ -472,11 +472,22 @@ class LeaseElector:
         self._observed: tuple[str | None, Any] | None = None  # (holder, renewTime)
         self._observed_at = 0.0
         self._renewed_at: float | None = None  # last successful renewal of ours
+        self._term = 0  # counts the leaderships this elector has begun
         self._stop = threading.Event()
 
     def is_leader(self) -> bool:
         return self._renewed_at is not None and \
             self.monotonic() - self._renewed_at < self.duration
+
+    def term(self) -> int | None:
+        """The number of the leadership held now (1, 2, ... as leadership is lost and
+        won back), or None while not leading. A loop that compares it with the last one
+        it saw starts a new leadership afresh whatever the timing of on_change: that
+        callback runs on the election thread only after is_leader() is already true."""
+        if not self.is_leader():
+            return None
+        # read after is_leader(): try_acquire numbers a term before it starts leading
+        return self._term
 
     def try_acquire(self) -> bool:
         """One attempt to acquire or renew; True if we hold the lease now."""
@@ -523,6 +534,8 @@ class LeaseElector:
                     f"it ({describe_error(error)}): `helm upgrade` restores it (or create "
                     f"it by hand); no replica leads until it exists") from error
             raise
+        if not self.is_leader():
+            self._term += 1  # before _renewed_at: see term()
         self._renewed_at = started
         return True
 
@@ -774,13 +787,10 @@ def run(settings: Settings, *, once: bool = False) -> int:
     elector = LeaseElector(reconciler.api, settings, identity)
     reconciler.may_write = elector.is_leader
     stop, trigger = threading.Event(), threading.Event()
-    became_leader = threading.Event()
 
-    def on_change(leading: bool) -> None:
+    def on_change(leading: bool) -> None:  # logs and wakes the loop; the loop sees the term
         logger.info("%s leadership (%s)", "acquired" if leading else "lost", identity)
         if leading:
-            reconciler.failures = {}  # counted afresh: the last leader's are not ours
-            became_leader.set()
             trigger.set()
         else:  # the new leader's passes tell; a standby's last figure would go stale
             metrics.HELPER_FAILING.set(0)
@@ -810,19 +820,22 @@ def run(settings: Settings, *, once: bool = False) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    leading_term = None
     try:
         while True:
             if schedule.backing_off(time.monotonic()):
                 stop.wait(1.0)  # a trigger meanwhile stays set, for when the wait is over
             else:
                 trigger.wait(1.0)
-            if not elector.is_leader():
+            term = elector.term()
+            if term is None:
                 trigger.clear()  # standby: the leader acts on changes
                 continue
             now = time.monotonic()
-            if became_leader.is_set():
-                became_leader.clear()
+            if term != leading_term:  # a leadership begins: afresh, before its first pass
+                leading_term = term
                 schedule.restart()
+                reconciler.failures = {}  # counted afresh: the last leader's are not ours
             # prepuller pods change state without learned-images changing: a pass is
             # due every status interval even when nothing else happens
             triggered = trigger.is_set()

@@ -481,6 +481,31 @@ def test_only_one_of_two_candidates_leads_and_the_other_takes_over(cluster, prew
     assert lease.spec.holder_identity == "replica-b" and lease.spec.lease_transitions == 1
 
 
+def test_each_leadership_has_its_own_term_from_its_first_moment(cluster, prewarm_ns):
+    """The loop starts a leadership afresh (a full pass, backoff and failure counts
+    forgotten) when term() changes. The number is there as soon as is_leader() is true,
+    not when the election thread's callback runs later: a pass in between was once
+    counted, then forgotten, and a failing pass retried after 2 s twice."""
+    settings = settings_for(prewarm_ns, lease_duration=2.0)
+    clock = [1000.0]
+    first = LeaseElector(cluster.api_client(), settings, "replica-a",
+                         monotonic=lambda: clock[0])
+    second = LeaseElector(cluster.api_client(), settings, "replica-b")
+    assert first.term() is None
+    assert first.try_acquire() is True and first.term() == 1
+    clock[0] += 1.0
+    assert first.try_acquire() is True and first.term() == 1  # a renewal: the same term
+    clock[0] += 2.5  # no renewal for longer than the lease: it lapsed, though still ours
+    assert first.term() is None
+    assert first.try_acquire() is True and first.term() == 2  # another may have led
+    assert second.try_acquire() is False and second.term() is None
+    first.release()  # a standby takes over at once, then gives it back
+    assert first.term() is None
+    assert second.try_acquire() is True and second.term() == 1
+    second.release()
+    assert first.try_acquire() is True and first.term() == 3
+
+
 def test_a_leader_that_finds_another_holder_stops_leading_at_once(cluster, prewarm_ns):
     """The Lease deleted (by hand, a restore, `helm upgrade --force`) and at once
     created by a standby: the old leader, at its next renewal, sees the other holder
